@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Builds the real parts of the test environment once per machine and caches them outside the repo:
+# etcd, kube-apiserver, kube-controller-manager, kubectl (one pinned Kubernetes version) and helm,
+# all from the Go module proxy; installs Debian's docker-registry when it is missing.
+# Prints the cache's bin directory on its last line of stdout; progress goes to stderr.
+set -euo pipefail
+
+K8S_VERSION="${PEAT_K8S_VERSION:-v1.37.2}"
+ETCD_VERSION="${PEAT_ETCD_VERSION:-v3.6.16}"
+HELM_VERSION="${PEAT_HELM_VERSION:-v3.21.4}"
+CACHE="${PEAT_TESTENV_CACHE:-$HOME/.cache/peat-testenv}"
+BIN="$CACHE/bin"
+mkdir -p "$BIN" "$CACHE/build"
+
+say() { printf '[testenv-build] %s\n' "$*" >&2; }
+export CGO_ENABLED=0 GOFLAGS=-buildvcs=false
+
+# Go prints little while compiling a big tree: show which package it is on, every 20 s.
+run_with_progress() {
+  local what="$1"; shift
+  local log; log="$(mktemp)"
+  local start=$SECONDS
+  ( "$@" ) >"$log" 2>&1 &
+  local pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 20 & wait $! || true
+    kill -0 "$pid" 2>/dev/null && say "$what: still building ($((SECONDS - start)) s)…"
+  done
+  if ! wait "$pid"; then say "$what failed:"; tail -n 50 "$log" >&2; rm -f "$log"; return 1; fi
+  rm -f "$log"
+  say "$what: done in $((SECONDS - start)) s"
+}
+
+ensure_registry() {
+  if command -v docker-registry >/dev/null 2>&1 || [ -x /usr/bin/docker-registry ]; then return; fi
+  say "installing Debian's docker-registry with apt-get"
+  export DEBIAN_FRONTEND=noninteractive
+  # The package's postinst starts a service only under systemd; we run our own instance.
+  apt-get update -qq >&2
+  apt-get install -y -qq --no-install-recommends docker-registry >&2
+  # Do not leave a system instance on :5000 around (our environments use their own ports).
+  if command -v service >/dev/null 2>&1; then service docker-registry stop >/dev/null 2>&1 || true; fi
+}
+
+build_etcd() {
+  local out="$BIN/etcd-$ETCD_VERSION"
+  [ -x "$out" ] && return
+  say "building etcd $ETCD_VERSION from the Go module proxy"
+  local dir="$CACHE/build/etcd-$ETCD_VERSION"
+  rm -rf "$dir"; mkdir -p "$dir"; cd "$dir"
+  go mod init peat-testenv/etcd >/dev/null 2>&1
+  run_with_progress "etcd" bash -c "go get go.etcd.io/etcd/server/v3@$ETCD_VERSION && go build -trimpath -o '$out.tmp' go.etcd.io/etcd/server/v3"
+  mv "$out.tmp" "$out"
+}
+
+build_kube() {
+  local minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
+  local outdir="$BIN/kube-$K8S_VERSION"
+  if [ -x "$outdir/kube-apiserver" ] && [ -x "$outdir/kube-controller-manager" ] && [ -x "$outdir/kubectl" ]; then return; fi
+  say "building kube-apiserver, kube-controller-manager and kubectl $K8S_VERSION from the Go module proxy (the first build takes many minutes)"
+  local dir="$CACHE/build/kube-$K8S_VERSION"
+  rm -rf "$dir"; mkdir -p "$dir"; cd "$dir"
+  go mod init peat-testenv/kube >/dev/null 2>&1
+  local gomod
+  gomod="$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
+  # k8s.io/kubernetes requires its staging modules at v0.0.0 and replaces them with ./staging paths;
+  # outside its tree those must point at the published v0.Y.Z tags. Read the list, don't hard-code it.
+  local staging
+  staging="$(go mod edit -json "$gomod" | python3 -c '
+import json, sys
+m = json.load(sys.stdin)
+for r in m.get("Require") or []:
+    if r["Path"].startswith("k8s.io/") and r["Version"] == "v0.0.0":
+        print(r["Path"])
+')"
+  local args=(-require="k8s.io/kubernetes@$K8S_VERSION")
+  for p in $staging; do args+=(-replace="$p=$p@v0.$minor.${K8S_VERSION##*.}"); done
+  go mod edit "${args[@]}"
+  local ldflags=""
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
+    ldflags+=" -X $p.buildDate=1970-01-01T00:00:00Z"
+  done
+  mkdir -p "$outdir.tmp"
+  run_with_progress "kube $K8S_VERSION" bash -c "
+    go get k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION k8s.io/kubernetes/cmd/kube-controller-manager@$K8S_VERSION k8s.io/kubernetes/cmd/kubectl@$K8S_VERSION &&
+    go build -trimpath -ldflags '$ldflags' -o '$outdir.tmp/' k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl"
+  rm -rf "$outdir"; mv "$outdir.tmp" "$outdir"
+}
+
+build_helm() {
+  local out="$BIN/helm-$HELM_VERSION"
+  [ -x "$out" ] && return
+  say "building helm $HELM_VERSION from the Go module proxy"
+  local dir="$CACHE/build/helm-$HELM_VERSION"
+  rm -rf "$dir"; mkdir -p "$dir"
+  run_with_progress "helm" env GOBIN="$dir" go install -trimpath \
+    -ldflags "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  mv "$dir/helm" "$out"
+}
+
+what="${1:-all}"
+case "$what" in
+  all) ensure_registry; build_etcd; build_kube; build_helm ;;
+  registry) ensure_registry ;;
+  etcd) build_etcd ;;
+  kube) build_kube ;;
+  helm) build_helm ;;
+  *) echo "usage: $0 [all|registry|etcd|kube|helm]" >&2; exit 2 ;;
+esac
+echo "$BIN"

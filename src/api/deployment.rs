@@ -1,0 +1,133 @@
+//! `ModelDeployment`: one per (node, model), written by the controller, its status by the agent.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::shared::{BlockerReason, DeploymentPhase, Priority};
+
+/// One model on one node: what the node should hold, and (in status) what it holds.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "peat.dev",
+    version = "v1alpha1",
+    kind = "ModelDeployment",
+    doc = "One model on one node: written by the controller for each target of a ModelRollout; its status is written by the node's agent.",
+    namespaced,
+    status = "ModelDeploymentStatus",
+    shortname = "md",
+    category = "peat",
+    selectable = ".spec.nodeName",
+    printcolumn(name = "Node", type_ = "string", json_path = ".spec.nodeName", description = "Target node"),
+    printcolumn(name = "Model", type_ = "string", json_path = ".spec.model", description = "Model id"),
+    printcolumn(name = "Version", type_ = "string", json_path = ".spec.version", description = "Desired version"),
+    printcolumn(name = "Variant", type_ = "string", json_path = ".spec.variant", description = "Chosen variant"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Where the node stands"),
+    printcolumn(name = "Active", type_ = "string", json_path = ".status.activeVersion", description = "Version active on the node"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDeploymentSpec {
+    /// The node that should hold the model (a field selector can filter on it).
+    #[x_kube(validation = Rule::new("self.size() > 0 && self.size() <= 253").message("nodeName must be a node name"))]
+    pub node_name: String,
+
+    /// Model id.
+    #[x_kube(validation = Rule::new("self.size() > 0 && self.size() <= 63").message("model must be a model id"))]
+    pub model: String,
+
+    /// Desired version.
+    #[x_kube(validation = Rule::new("self.size() > 0 && self.size() <= 128").message("version must be a version"))]
+    pub version: String,
+
+    /// Variant chosen for this node.
+    pub variant: String,
+
+    /// The variant's manifest, by digest (`<repository>@sha256:…`): every node gets the same bytes.
+    #[x_kube(validation = Rule::new("self.contains('@sha256:')").message("artifact must reference a manifest by sha256 digest"))]
+    pub artifact: String,
+
+    /// Plain HTTP to the registry.
+    #[serde(default)]
+    pub insecure: bool,
+
+    /// Secret (in this namespace) with registry credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_secret: Option<String>,
+
+    /// Transfer priority on the node.
+    #[serde(default)]
+    pub priority: Priority,
+
+    /// Whether the node may fetch only changed chunks.
+    #[serde(default = "default_true")]
+    pub delta: bool,
+
+    /// Largest size the artifact may have (from the rollout's `variant.maxSizeBytes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_size_bytes: Option<i64>,
+
+    /// Halt the transfer (it resumes where it stopped).
+    #[serde(default)]
+    pub paused: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// What the node holds and how its transfer goes (written by the node's agent).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDeploymentStatus {
+    /// NotDeployed, Downloading, Loading, Operational, Degraded or Failed.
+    #[serde(default)]
+    pub phase: DeploymentPhase,
+
+    /// Version currently active on the node (`models/<model>/current`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_version: Option<String>,
+
+    /// Manifest digest of the active version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_digest: Option<String>,
+
+    /// Earlier versions kept on the node: rolling back to them moves no bytes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_versions: Vec<String>,
+
+    /// Size of the desired artifact, in bytes.
+    #[serde(default)]
+    pub bytes_total: i64,
+
+    /// Bytes fetched over the network so far.
+    #[serde(default)]
+    pub bytes_done: i64,
+
+    /// Bytes taken from local chunks or layers instead of the network.
+    #[serde(default)]
+    pub bytes_reused: i64,
+
+    /// Why the node does not progress, when it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<BlockerReason>,
+
+    /// Details for a person.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+
+    /// When the agent last wrote this status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat: Option<Time>,
+
+    /// The `metadata.generation` the agent acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+impl ModelDeployment {
+    /// The object name for a model on a node: `<model>.<node>`.
+    pub fn name_for(model: &str, node: &str) -> String {
+        format!("{model}.{node}")
+    }
+}

@@ -1,0 +1,33 @@
+//! The peat.dev/v1alpha1 API: ModelRollout, ModelDeployment, ModelNode.
+
+pub mod deployment;
+pub mod node;
+pub mod quantity;
+pub mod rollout;
+pub mod shared;
+
+pub use deployment::{ModelDeployment, ModelDeploymentSpec, ModelDeploymentStatus};
+pub use node::{ModelNode, ModelNodeSpec, ModelNodeStatus, NodeModel};
+pub use rollout::{
+    AllNodes, Blocker, CapableScope, DeltaSpec, HistoryEntry, LabelRequirement, ModelRollout, ModelRolloutSpec,
+    ModelRolloutStatus, ModelSource, NodeSelector, ScopeSpec, SelectorOperator, StrategySpec, VariantSpec,
+};
+pub use shared::{BlockerReason, DeploymentPhase, Priority, RolloutPhase};
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
+
+/// The three CRDs, in a stable order.
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    vec![ModelRollout::crd(), ModelDeployment::crd(), ModelNode::crd()]
+}
+
+/// All CRDs as one multi-document YAML stream (the content of `crds/peat.dev.yaml`).
+pub fn crds_yaml() -> Result<String, serde_saphyr::ser::Error> {
+    let mut out = String::new();
+    for crd in crds() {
+        out.push_str("---\n");
+        out.push_str(&serde_saphyr::to_string(&crd)?);
+    }
+    Ok(out)
+}

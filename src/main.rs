@@ -1,0 +1,35 @@
+//! `peat`: thin subcommands over the peat library.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "peat", version, about = "Roll ML models out to fleets of heterogeneous edge nodes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the CustomResourceDefinitions generated from the Rust types (the source of crds/).
+    Crds,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Crds => peat::api::crds_yaml()
+            .map_err(anyhow::Error::from)
+            .and_then(|yaml| std::io::stdout().write_all(yaml.as_bytes()).map_err(Into::into)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("peat: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
