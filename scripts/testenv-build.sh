@@ -2,7 +2,8 @@
 # Builds the real parts of the test environment once per machine and caches them outside the repo:
 # etcd, kube-apiserver, kube-controller-manager, kubectl (one pinned Kubernetes version) and helm,
 # all from the Go module proxy; installs Debian's docker-registry when it is missing.
-# Prints the cache's bin directory on its last line of stdout; progress goes to stderr.
+# Prints where each binary is, as KEY=path lines on stdout (etcd, kube-apiserver, …); progress goes
+# to stderr. Override the cache with PEAT_TESTENV_CACHE, the versions with PEAT_*_VERSION.
 set -euo pipefail
 
 K8S_VERSION="${PEAT_K8S_VERSION:-v1.37.2}"
@@ -108,4 +109,11 @@ case "$what" in
   helm) build_helm ;;
   *) echo "usage: $0 [all|registry|etcd|kube|helm]" >&2; exit 2 ;;
 esac
-echo "$BIN"
+cat <<PATHS
+ETCD=$BIN/etcd-$ETCD_VERSION
+KUBE_APISERVER=$BIN/kube-$K8S_VERSION/kube-apiserver
+KUBE_CONTROLLER_MANAGER=$BIN/kube-$K8S_VERSION/kube-controller-manager
+KUBECTL=$BIN/kube-$K8S_VERSION/kubectl
+HELM=$BIN/helm-$HELM_VERSION
+REGISTRY=$(command -v docker-registry || echo /usr/bin/docker-registry)
+PATHS

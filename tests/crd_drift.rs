@@ -33,7 +33,11 @@ fn generated_crds_have_the_contract_names() {
         assert_eq!(crd.spec.names.categories.as_deref(), Some(&["peat".to_string()][..]));
         let v = &crd.spec.versions[0];
         assert_eq!(v.name, "v1alpha1");
-        assert!(v.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(), "{} has a status subresource", crd.spec.names.kind);
+        assert!(
+            v.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(),
+            "{} has a status subresource",
+            crd.spec.names.kind
+        );
     }
     assert_eq!(crds[2].spec.scope, "Cluster");
     let selectable = crds[1].spec.versions[0].selectable_fields.clone().unwrap_or_default();

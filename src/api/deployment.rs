@@ -23,7 +23,12 @@ use super::shared::{BlockerReason, DeploymentPhase, Priority};
     printcolumn(name = "Version", type_ = "string", json_path = ".spec.version", description = "Desired version"),
     printcolumn(name = "Variant", type_ = "string", json_path = ".spec.variant", description = "Chosen variant"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Where the node stands"),
-    printcolumn(name = "Active", type_ = "string", json_path = ".status.activeVersion", description = "Version active on the node"),
+    printcolumn(
+        name = "Active",
+        type_ = "string",
+        json_path = ".status.activeVersion",
+        description = "Version active on the node"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]

@@ -1,8 +1,12 @@
 //! The peat.dev/v1alpha1 API: ModelRollout, ModelDeployment, ModelNode.
 
+// kube's repeated `printcolumn(name = …, type_ = …)` entries read to clippy as duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 pub mod deployment;
+#[allow(clippy::duplicated_attributes)]
 pub mod node;
 pub mod quantity;
+#[allow(clippy::duplicated_attributes)]
 pub mod rollout;
 pub mod shared;
 

@@ -15,10 +15,25 @@ use serde::{Deserialize, Serialize};
     shortname = "mn",
     category = "peat",
     printcolumn(name = "Arch", type_ = "string", json_path = ".status.arch", description = "CPU architecture"),
-    printcolumn(name = "GPU memory", type_ = "integer", json_path = ".status.gpuMemoryBytes", description = "Memory of the largest GPU, bytes"),
-    printcolumn(name = "Free storage", type_ = "integer", json_path = ".status.storageFreeBytes", description = "Free bytes in the agent's store"),
+    printcolumn(
+        name = "GPU memory",
+        type_ = "integer",
+        json_path = ".status.gpuMemoryBytes",
+        description = "Memory of the largest GPU, bytes"
+    ),
+    printcolumn(
+        name = "Free storage",
+        type_ = "integer",
+        json_path = ".status.storageFreeBytes",
+        description = "Free bytes in the agent's store"
+    ),
     printcolumn(name = "Models", type_ = "string", json_path = ".status.modelsSummary", description = "Active models"),
-    printcolumn(name = "Heartbeat", type_ = "date", json_path = ".status.lastHeartbeat", description = "Last sign of life from the agent")
+    printcolumn(
+        name = "Heartbeat",
+        type_ = "date",
+        json_path = ".status.lastHeartbeat",
+        description = "Last sign of life from the agent"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ModelNodeSpec {}

@@ -9,7 +9,6 @@ use serde::{Deserialize, Serialize};
 
 use super::shared::{BlockerReason, Priority, RolloutPhase};
 
-
 /// Roll model M, version V, out to a set of nodes.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
@@ -23,8 +22,18 @@ use super::shared::{BlockerReason, Priority, RolloutPhase};
     category = "peat",
     printcolumn(name = "Model", type_ = "string", json_path = ".spec.model", description = "Model id"),
     printcolumn(name = "Version", type_ = "string", json_path = ".spec.version", description = "Desired version"),
-    printcolumn(name = "Converged", type_ = "string", json_path = ".status.convergedRatio", description = "Converged targets / all targets"),
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Where the rollout stands"),
+    printcolumn(
+        name = "Converged",
+        type_ = "string",
+        json_path = ".status.convergedRatio",
+        description = "Converged targets / all targets"
+    ),
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Where the rollout stands"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
@@ -159,11 +168,11 @@ pub struct ScopeSpec {
     /// These nodes, by name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(
-        validation = Rule::new("self.size() > 0 && self.size() <= 5000").message("nodes must list 1 to 5000 node names"),
+        validation = Rule::new("self.size() > 0").message("nodes must list at least one node name"),
         validation = Rule::new("self.all(n, n.size() <= 253 && n.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$'))")
             .message("nodes must be node names (DNS-1123 subdomains)")
     )]
-    #[schemars(length(max = 10000), inner(length(max = 1024)))]
+    #[schemars(length(max = 1000), inner(length(max = 253)))]
     pub nodes: Option<Vec<String>>,
 
     /// Nodes whose reported capabilities (ModelNode status) meet every given minimum.
@@ -240,8 +249,8 @@ pub struct CapableScope {
     /// Least GPU memory (of the node's largest GPU), as a quantity such as `4Gi`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(
-        validation = Rule::new("isQuantity(self) && quantity(self).sign() >= 0")
-            .message("minGpuMemory must be a non-negative quantity such as 4Gi")
+        validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))")
+            .message("minGpuMemory must be a positive quantity such as 4Gi")
     )]
     #[schemars(length(max = 64))]
     pub min_gpu_memory: Option<String>,
@@ -258,8 +267,8 @@ pub struct CapableScope {
     /// Least free storage in the agent's store, as a quantity such as `500Mi`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(
-        validation = Rule::new("isQuantity(self) && quantity(self).sign() >= 0")
-            .message("minStorage must be a non-negative quantity such as 500Mi")
+        validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))")
+            .message("minStorage must be a positive quantity such as 500Mi")
     )]
     #[schemars(length(max = 64))]
     pub min_storage: Option<String>,

@@ -87,8 +87,12 @@ pub enum TargetState {
 /// Classifies a node's ModelDeployment against the rollout's target version. A deployment that still
 /// asks for another version (the controller has not advanced it yet) counts as pending, whatever its phase.
 pub fn classify(target_version: &str, deployment: Option<&ModelDeployment>) -> TargetState {
-    let Some(md) = deployment else { return TargetState::Pending };
-    let Some(status) = &md.status else { return TargetState::Pending };
+    let Some(md) = deployment else {
+        return TargetState::Pending;
+    };
+    let Some(status) = &md.status else {
+        return TargetState::Pending;
+    };
     let active_is_target = status.active_version.as_deref() == Some(target_version);
     if md.spec.version != target_version {
         return TargetState::Pending;
@@ -114,10 +118,8 @@ pub fn aggregate(
     previous: &[Blocker],
     now: Timestamp,
 ) -> Convergence {
-    let by_node: HashMap<(&str, &str), &ModelDeployment> = deployments
-        .iter()
-        .map(|md| ((md.spec.model.as_str(), md.spec.node_name.as_str()), md))
-        .collect();
+    let by_node: HashMap<(&str, &str), &ModelDeployment> =
+        deployments.iter().map(|md| ((md.spec.model.as_str(), md.spec.node_name.as_str()), md)).collect();
     let since_of: HashMap<(&str, BlockerReason), &Option<Time>> =
         previous.iter().map(|b| ((b.node.as_str(), b.reason), &b.since)).collect();
 
@@ -151,16 +153,13 @@ pub fn aggregate(
             continue;
         }
         let reported = status.and_then(|s| s.reason.map(|r| (r, s.message.clone().unwrap_or_default())));
-        let blocker = target
-            .planned_blocker
-            .as_ref()
-            .map(|p| (p.reason, p.message.clone()))
-            .or(if for_target { reported } else { None });
+        let blocker = target.planned_blocker.as_ref().map(|p| (p.reason, p.message.clone())).or(if for_target {
+            reported
+        } else {
+            None
+        });
         if let Some((reason, details)) = blocker {
-            let since = since_of
-                .get(&(target.node.as_str(), reason))
-                .and_then(|s| (*s).clone())
-                .unwrap_or_else(|| Time(now));
+            let since = since_of.get(&(target.node.as_str(), reason)).and_then(|s| (*s).clone()).unwrap_or(Time(now));
             *c.blocker_counts.entry(reason.as_str().to_string()).or_default() += 1;
             blockers.push(Blocker { node: target.node.clone(), reason, since: Some(since), details });
         }
@@ -324,7 +323,8 @@ mod tests {
         failed.message = Some("digest mismatch".into());
         let mds = vec![md("m", "a", "2.0.0", Some(failed))];
         let mut b = target("b");
-        b.planned_blocker = Some(PlannedBlocker { reason: BlockerReason::InsufficientGpuMemory, message: "needs 4GiB".into() });
+        b.planned_blocker =
+            Some(PlannedBlocker { reason: BlockerReason::InsufficientGpuMemory, message: "needs 4GiB".into() });
         let c = aggregate("m", "2.0.0", &[target("a"), b], &mds, &[], now());
         assert_eq!(c.blockers.len(), 2);
         assert_eq!(c.blockers[0].node, "a");
@@ -343,7 +343,8 @@ mod tests {
             md("m", "a", "2.0.0", Some(downloading)),
             md("m", "b", "2.0.0", Some(st(DeploymentPhase::Operational, Some("2.0.0")))),
         ];
-        let partition = PlannedBlocker { reason: BlockerReason::NetworkPartition, message: "no heartbeat for 90s".into() };
+        let partition =
+            PlannedBlocker { reason: BlockerReason::NetworkPartition, message: "no heartbeat for 90s".into() };
         let mut a = target("a");
         a.planned_blocker = Some(partition.clone());
         let mut b = target("b");
@@ -358,7 +359,10 @@ mod tests {
         let targets: Vec<_> = (0..50)
             .map(|i| TargetView {
                 node: format!("n{i:02}"),
-                planned_blocker: Some(PlannedBlocker { reason: BlockerReason::InsufficientStorage, message: String::new() }),
+                planned_blocker: Some(PlannedBlocker {
+                    reason: BlockerReason::InsufficientStorage,
+                    message: String::new(),
+                }),
                 expected_bytes: 10,
             })
             .collect();

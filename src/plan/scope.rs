@@ -98,11 +98,7 @@ pub fn select_targets(scope: &ScopeSpec, nodes: &[NodeFacts]) -> Result<Vec<Stri
 /// Whether a label set satisfies a selector (Kubernetes label-selector semantics: every
 /// matchLabels entry and every requirement must hold; an empty selector matches everything).
 pub fn selector_matches(selector: &NodeSelector, labels: &BTreeMap<String, String>) -> bool {
-    let labels_ok = selector
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
+    let labels_ok = selector.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
     labels_ok && selector.match_expressions.iter().flatten().all(|r| requirement_matches(r, labels))
 }
 
@@ -128,10 +124,7 @@ struct CapableMinimums {
 impl CapableMinimums {
     fn parse(c: &CapableScope) -> Result<Self, ScopeError> {
         let q = |field: &'static str, v: &Option<String>| {
-            v.as_deref()
-                .map(parse_bytes)
-                .transpose()
-                .map_err(|source| ScopeError::BadQuantity { field, source })
+            v.as_deref().map(parse_bytes).transpose().map_err(|source| ScopeError::BadQuantity { field, source })
         };
         Ok(CapableMinimums {
             min_gpu_memory: q("minGpuMemory", &c.min_gpu_memory)?,
@@ -142,10 +135,8 @@ impl CapableMinimums {
 
     fn admits(&self, caps: &ModelNodeStatus) -> bool {
         let gpu_ok = self.min_gpu_memory.is_none_or(|min| caps.gpu_memory_bytes.max(0) as u64 >= min);
-        let arch_ok = self
-            .arch
-            .as_ref()
-            .is_none_or(|want| caps.arch.as_deref().map(normalize_arch).as_ref() == Some(want));
+        let arch_ok =
+            self.arch.as_ref().is_none_or(|want| caps.arch.as_deref().map(normalize_arch).as_ref() == Some(want));
         let storage_ok = self.min_storage.is_none_or(|min| caps.storage_free_bytes.max(0) as u64 >= min);
         gpu_ok && arch_ok && storage_ok
     }
@@ -210,7 +201,8 @@ mod tests {
     fn selector(labels: &[(&str, &str)], exprs: Vec<LabelRequirement>) -> ScopeSpec {
         ScopeSpec {
             node_selector: Some(NodeSelector {
-                match_labels: (!labels.is_empty()).then(|| labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+                match_labels: (!labels.is_empty())
+                    .then(|| labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
                 match_expressions: (!exprs.is_empty()).then_some(exprs),
             }),
             ..scope()
@@ -252,7 +244,10 @@ mod tests {
     fn selector_requires_every_term() {
         let s = selector(
             &[("tier", "edge")],
-            vec![req(LABEL_FORMATION, SelectorOperator::In, &["alpha"]), req("gpu", SelectorOperator::DoesNotExist, &[])],
+            vec![
+                req(LABEL_FORMATION, SelectorOperator::In, &["alpha"]),
+                req("gpu", SelectorOperator::DoesNotExist, &[]),
+            ],
         );
         assert_eq!(select_targets(&s, &fleet()).unwrap(), ["jetson-1", "jetson-2"]);
         let s = selector(&[("tier", "edge")], vec![req("gpu", SelectorOperator::Exists, &[])]);

@@ -140,7 +140,11 @@ pub fn select_variant<'a>(
             let least = candidates.iter().map(|v| v.size).min().unwrap_or_default();
             return Err(blocked(
                 BlockerReason::IncompatibleCapabilities,
-                format!("the smallest fitting variant is {}, over maxSizeBytes {}", human_bytes(least), human_bytes(max)),
+                format!(
+                    "the smallest fitting variant is {}, over maxSizeBytes {}",
+                    human_bytes(least),
+                    human_bytes(max)
+                ),
             ));
         }
         candidates = small;
@@ -160,7 +164,8 @@ pub fn select_variant<'a>(
     Ok(stored
         .into_iter()
         .min_by_key(|v| {
-            let precision_match = preferred.is_some_and(|p| v.precision.as_deref().is_some_and(|x| x.eq_ignore_ascii_case(p)));
+            let precision_match =
+                preferred.is_some_and(|p| v.precision.as_deref().is_some_and(|x| x.eq_ignore_ascii_case(p)));
             (Reverse(precision_match), Reverse(v.uses_accelerator()), v.size, v.name.clone())
         })
         .expect("non-empty"))
@@ -173,7 +178,14 @@ mod tests {
     const GI: u64 = 1 << 30;
     const MI: u64 = 1 << 20;
 
-    fn variant(name: &str, precision: &str, providers: &[&str], gpu: u64, size: u64, arch: Option<&str>) -> VariantInfo {
+    fn variant(
+        name: &str,
+        precision: &str,
+        providers: &[&str],
+        gpu: u64,
+        size: u64,
+        arch: Option<&str>,
+    ) -> VariantInfo {
         VariantInfo {
             name: name.into(),
             digest: format!("sha256:{name}"),
@@ -209,7 +221,11 @@ mod tests {
         VariantSpec::default()
     }
 
-    fn pick(spec: Option<&VariantSpec>, variants: &[VariantInfo], n: &ModelNodeStatus) -> Result<String, SelectionBlocker> {
+    fn pick(
+        spec: Option<&VariantSpec>,
+        variants: &[VariantInfo],
+        n: &ModelNodeStatus,
+    ) -> Result<String, SelectionBlocker> {
         select_variant(spec, variants, n).map(|v| v.name.clone())
     }
 
@@ -267,7 +283,11 @@ mod tests {
     #[test]
     fn max_size_bytes_filters() {
         let gateway = node("amd64", &["cpu"], 0, 20 * GI);
-        let s = VariantSpec { preferred_precision: Some("float32".into()), max_size_bytes: Some((500 * MI) as i64), ..spec() };
+        let s = VariantSpec {
+            preferred_precision: Some("float32".into()),
+            max_size_bytes: Some((500 * MI) as i64),
+            ..spec()
+        };
         assert_eq!(pick(Some(&s), &catalogue(), &gateway).unwrap(), "int8-cpu");
         let s = VariantSpec { max_size_bytes: Some((100 * MI) as i64), ..spec() };
         let err = pick(Some(&s), &catalogue(), &gateway).unwrap_err();
@@ -336,10 +356,8 @@ mod tests {
 
     #[test]
     fn equal_candidates_are_chosen_by_name_so_the_choice_is_stable() {
-        let variants = vec![
-            variant("b-cpu", "int8", &["cpu"], 0, 100, None),
-            variant("a-cpu", "int8", &["cpu"], 0, 100, None),
-        ];
+        let variants =
+            vec![variant("b-cpu", "int8", &["cpu"], 0, 100, None), variant("a-cpu", "int8", &["cpu"], 0, 100, None)];
         assert_eq!(pick(None, &variants, &node("amd64", &["cpu"], 0, GI)).unwrap(), "a-cpu");
     }
 }

@@ -1,0 +1,113 @@
+//! `peat-testenv up|down|status`: the local environment behind `make env` / `make env-down`.
+//! (A development tool, not part of the product: the `peat` binary has no test code in its CLI.)
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use peat::testenv::{self, Binaries, Lifetime, Options, TestEnv};
+
+#[derive(Parser)]
+#[command(
+    name = "peat-testenv",
+    about = "Start or stop the local etcd + kube-apiserver + kube-controller-manager + registry"
+)]
+struct Cli {
+    /// State directory (certificates, data, logs, kubeconfig, env.sh).
+    #[arg(long, global = true, default_value = "target/peat-env")]
+    dir: PathBuf,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start the environment in the background (or report the running one).
+    Up,
+    /// Stop it and remove its state.
+    Down,
+    /// Say whether it runs.
+    Status,
+}
+
+fn usage_hint(dir: &std::path::Path) -> String {
+    let env_sh = dir.join("env.sh");
+    format!(
+        "  . {0}\n  kubectl get --raw /version\n  kubectl get crd modelrollouts.peat.dev\n  curl -sf http://$PEAT_REGISTRY/v2/\nStop it with: make env-down",
+        env_sh.display()
+    )
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let dir = std::path::absolute(&cli.dir).unwrap_or(cli.dir.clone());
+    match cli.command {
+        Cmd::Status => {
+            let alive = testenv::detached_status(&dir);
+            if alive.is_empty() {
+                println!("no environment runs in {}", dir.display());
+                return ExitCode::from(1);
+            }
+            for (pid, name) in alive {
+                println!("{name}: pid {pid}");
+            }
+            ExitCode::SUCCESS
+        }
+        Cmd::Down => {
+            let stopped = testenv::stop_detached(&dir);
+            if stopped.is_empty() {
+                println!("no environment was running in {}", dir.display());
+            } else {
+                println!("stopped {}; removed {}", stopped.join(", "), dir.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Cmd::Up => {
+            let alive = testenv::detached_status(&dir);
+            if !alive.is_empty() {
+                let names: Vec<_> = alive.iter().map(|(p, n)| format!("{n} (pid {p})")).collect();
+                println!(
+                    "an environment already runs in {}: {}\nUse it:\n{}",
+                    dir.display(),
+                    names.join(", "),
+                    usage_hint(&dir)
+                );
+                return ExitCode::SUCCESS;
+            }
+            // Leftovers of a crashed or half-stopped one.
+            testenv::stop_detached(&dir);
+            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+            let binaries = match Binaries::ensure(&root) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("peat-testenv: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            eprintln!("starting etcd, kube-apiserver, kube-controller-manager and the registry in {} …", dir.display());
+            let opts = Options {
+                dir: dir.clone(),
+                lifetime: Lifetime::Detached,
+                controller_manager: true,
+                install_crds: true,
+            };
+            match TestEnv::start(binaries, opts).await {
+                Ok(env) => {
+                    println!(
+                        "environment ready: API server {}, registry {}, CRDs Established.\nUse it:\n{}",
+                        env.apiserver_url,
+                        env.registry,
+                        usage_hint(&dir)
+                    );
+                    env.detach();
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("peat-testenv: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

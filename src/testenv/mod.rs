@@ -1,0 +1,449 @@
+//! A real local environment for tests and `make env`: etcd, kube-apiserver, kube-controller-manager
+//! and a plain-HTTP OCI registry (Debian's `docker-registry`) on free 127.0.0.1 ports.
+//!
+//! The binaries are built once per machine by `scripts/testenv-build.sh` (from the Go module proxy)
+//! and cached outside the repo. Two lifetimes:
+//! - [`Lifetime::TiedToThisProcess`] (tests): every process gets `PR_SET_PDEATHSIG`, so it dies with
+//!   the test binary even when a test panics or the run is killed; no orphan etcd after `make test`.
+//! - [`Lifetime::Detached`] (`make env`): the processes run in their own session after the starter
+//!   exits; [`stop_detached`] ends them from the pid file.
+
+mod certs;
+mod process;
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::wait::{await_condition, conditions};
+use thiserror::Error;
+
+pub use process::{Lifetime, ManagedProcess};
+
+/// Errors of the test environment.
+#[derive(Debug, Error)]
+pub enum TestEnvError {
+    /// The build script failed.
+    #[error("building the test environment's binaries failed: {0}")]
+    Build(String),
+    /// A file or process operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A process did not become ready in time, or exited.
+    #[error("{name} did not become ready: {why}\n--- last lines of {log} ---\n{tail}")]
+    NotReady {
+        /// The process.
+        name: String,
+        /// Why.
+        why: String,
+        /// Its log file.
+        log: String,
+        /// The end of its log.
+        tail: String,
+    },
+    /// A certificate could not be made.
+    #[error("certificates: {0}")]
+    Certs(#[from] rcgen::Error),
+    /// Talking to the API server failed.
+    #[error("kubernetes: {0}")]
+    Kube(#[from] kube::Error),
+    /// Reading the kubeconfig failed.
+    #[error("kubeconfig: {0}")]
+    Kubeconfig(#[from] kube::config::KubeconfigError),
+    /// The CRDs did not become Established in time.
+    #[error("CRD {0} did not become Established within 60 s")]
+    CrdNotEstablished(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TestEnvError {
+    let what = what.into();
+    move |source| TestEnvError::Io { what, source }
+}
+
+/// Where the environment's binaries are (the `KEY=path` output of `scripts/testenv-build.sh`).
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    /// etcd 3.6.
+    pub etcd: PathBuf,
+    /// kube-apiserver.
+    pub kube_apiserver: PathBuf,
+    /// kube-controller-manager.
+    pub kube_controller_manager: PathBuf,
+    /// kubectl of the same version.
+    pub kubectl: PathBuf,
+    /// helm.
+    pub helm: PathBuf,
+    /// Debian's docker-registry.
+    pub registry: PathBuf,
+}
+
+impl Binaries {
+    /// Runs the build script (a no-op once everything is cached) and reads where it put things.
+    pub fn ensure(repo_root: &Path) -> Result<Binaries, TestEnvError> {
+        let script = repo_root.join("scripts/testenv-build.sh");
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .arg("all")
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .map_err(io(format!("running {}", script.display())))?;
+        if !out.status.success() {
+            return Err(TestEnvError::Build(format!("{} exited with {}", script.display(), out.status)));
+        }
+        let vars: BTreeMap<String, PathBuf> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.trim().to_string(), PathBuf::from(v.trim())))
+            .collect();
+        let get = |k: &str| {
+            vars.get(k)
+                .cloned()
+                .filter(|p| p.exists())
+                .ok_or_else(|| TestEnvError::Build(format!("the build script gave no usable {k}")))
+        };
+        Ok(Binaries {
+            etcd: get("ETCD")?,
+            kube_apiserver: get("KUBE_APISERVER")?,
+            kube_controller_manager: get("KUBE_CONTROLLER_MANAGER")?,
+            kubectl: get("KUBECTL")?,
+            helm: get("HELM")?,
+            registry: get("REGISTRY")?,
+        })
+    }
+}
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Directory for certificates, data, logs, kubeconfig and `env.sh` (created; removed by `stop`).
+    pub dir: PathBuf,
+    /// How long the processes live.
+    pub lifetime: Lifetime,
+    /// Start kube-controller-manager (garbage collection, namespaces, service accounts).
+    pub controller_manager: bool,
+    /// Install the peat CRDs and wait for them to be Established.
+    pub install_crds: bool,
+}
+
+/// A running environment.
+#[derive(Debug)]
+pub struct TestEnv {
+    /// Its state directory.
+    pub dir: PathBuf,
+    /// Admin kubeconfig (client certificate in group system:masters).
+    pub kubeconfig: PathBuf,
+    /// `https://127.0.0.1:<port>`.
+    pub apiserver_url: String,
+    /// `127.0.0.1:<port>` of the plain-HTTP registry.
+    pub registry: String,
+    /// Directory the registry stores blobs in (tests tamper with it).
+    pub registry_storage: PathBuf,
+    /// The binaries it runs.
+    pub binaries: Binaries,
+    /// The processes, in start order.
+    pub processes: Vec<ManagedProcess>,
+}
+
+fn free_port() -> Result<u16, TestEnvError> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(io("finding a free port"))?;
+    Ok(l.local_addr().map_err(io("finding a free port"))?.port())
+}
+
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
+
+impl TestEnv {
+    /// Starts everything and waits until it serves.
+    pub async fn start(binaries: Binaries, opts: Options) -> Result<TestEnv, TestEnvError> {
+        let dir = std::path::absolute(&opts.dir).map_err(io("resolving the state directory"))?;
+        std::fs::create_dir_all(dir.join("logs")).map_err(io(format!("creating {}", dir.display())))?;
+        let pki = certs::write_pki(&dir.join("pki"))?;
+        let mut env = TestEnv {
+            kubeconfig: dir.join("kubeconfig"),
+            apiserver_url: String::new(),
+            registry: String::new(),
+            registry_storage: dir.join("registry"),
+            dir: dir.clone(),
+            binaries,
+            processes: Vec::new(),
+        };
+        // On any failure below, `env` is dropped and stops what it started.
+        let etcd_port = free_port()?;
+        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+        env.spawn(
+            "etcd",
+            &env.binaries.etcd.clone(),
+            &[
+                format!("--data-dir={}", dir.join("etcd").display()),
+                format!("--listen-client-urls={etcd_url}"),
+                format!("--advertise-client-urls={etcd_url}"),
+                "--listen-peer-urls=http://localhost:0".into(),
+                "--unsafe-no-fsync".into(),
+                "--log-level=warn".into(),
+            ],
+            opts.lifetime,
+        )?;
+        env.wait_http("etcd", &format!("127.0.0.1:{etcd_port}"), "/health", "\"health\":\"true\"").await?;
+
+        let api_port = free_port()?;
+        env.apiserver_url = format!("https://127.0.0.1:{api_port}");
+        env.spawn(
+            "kube-apiserver",
+            &env.binaries.kube_apiserver.clone(),
+            &[
+                format!("--etcd-servers={etcd_url}"),
+                format!("--cert-dir={}", pki.dir.display()),
+                format!("--tls-cert-file={}", pki.serving_cert.display()),
+                format!("--tls-private-key-file={}", pki.serving_key.display()),
+                format!("--secure-port={api_port}"),
+                "--bind-address=127.0.0.1".into(),
+                "--advertise-address=127.0.0.1".into(),
+                "--service-cluster-ip-range=10.0.0.0/24".into(),
+                "--authorization-mode=RBAC".into(),
+                format!("--client-ca-file={}", pki.ca_cert.display()),
+                "--service-account-issuer=https://peat-testenv.invalid".into(),
+                format!("--service-account-key-file={}", pki.sa_pub.display()),
+                format!("--service-account-signing-key-file={}", pki.sa_key.display()),
+                "--disable-admission-plugins=ServiceAccount".into(),
+                "--allow-privileged=true".into(),
+                "--endpoint-reconciler-type=none".into(),
+            ],
+            opts.lifetime,
+        )?;
+        certs::write_kubeconfig(&env.kubeconfig, &env.apiserver_url, &pki)?;
+        env.wait_apiserver().await?;
+
+        // CRDs before kube-controller-manager: its garbage collector picks up new resource types
+        // only on its 30 s discovery resync, so CRDs installed later would be collected late.
+        if opts.install_crds {
+            env.install_crds().await?;
+        }
+        if opts.controller_manager {
+            env.spawn(
+                "kube-controller-manager",
+                &env.binaries.kube_controller_manager.clone(),
+                &[
+                    format!("--kubeconfig={}", env.kubeconfig.display()),
+                    "--controllers=garbagecollector,namespace,serviceaccount,serviceaccount-token".into(),
+                    format!("--service-account-private-key-file={}", pki.sa_key.display()),
+                    format!("--root-ca-file={}", pki.ca_cert.display()),
+                    "--leader-elect=false".into(),
+                    "--secure-port=0".into(),
+                    "--concurrent-gc-syncs=5".into(),
+                ],
+                opts.lifetime,
+            )?;
+        }
+
+        let registry_port = free_port()?;
+        env.registry = format!("127.0.0.1:{registry_port}");
+        let registry_config = dir.join("registry.yml");
+        std::fs::create_dir_all(&env.registry_storage).map_err(io("creating the registry's storage"))?;
+        std::fs::write(
+            &registry_config,
+            format!(
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {}\n  secret: peat-testenv\n",
+                env.registry_storage.display(),
+                env.registry
+            ),
+        )
+        .map_err(io("writing the registry's config"))?;
+        env.spawn(
+            "registry",
+            &env.binaries.registry.clone(),
+            &["serve".into(), registry_config.display().to_string()],
+            opts.lifetime,
+        )?;
+        env.wait_http("registry", &env.registry.clone(), "/v2/", "{}").await?;
+
+        env.write_state_files(opts.lifetime)?;
+        Ok(env)
+    }
+
+    fn spawn(&mut self, name: &str, bin: &Path, args: &[String], lifetime: Lifetime) -> Result<(), TestEnvError> {
+        let log = self.dir.join("logs").join(format!("{name}.log"));
+        let p = ManagedProcess::spawn(name, bin, args, &log, lifetime).map_err(io(format!("starting {name}")))?;
+        self.processes.push(p);
+        Ok(())
+    }
+
+    fn not_ready(&mut self, name: &str, why: String) -> TestEnvError {
+        let log = self.dir.join("logs").join(format!("{name}.log"));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(30).collect();
+        TestEnvError::NotReady {
+            name: name.into(),
+            why,
+            log: log.display().to_string(),
+            tail: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+        }
+    }
+
+    fn exited(&mut self, name: &str) -> Option<String> {
+        let p = self.processes.iter_mut().find(|p| p.name == name)?;
+        p.try_exit_status().map(|s| format!("it exited ({s})"))
+    }
+
+    /// Polls a plain-HTTP endpoint until it answers 200 with `expect` in the body; fails fast when the process exits.
+    async fn wait_http(&mut self, name: &str, addr: &str, path: &str, expect: &str) -> Result<(), TestEnvError> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(why) = self.exited(name) {
+                return Err(self.not_ready(name, why));
+            }
+            if let Ok((200, body)) = http_get(addr, path).await
+                && body.contains(expect)
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(self.not_ready(name, format!("no 200 from http://{addr}{path} within {READY_TIMEOUT:?}")));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn wait_apiserver(&mut self) -> Result<(), TestEnvError> {
+        let client = self.client().await?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(why) = self.exited("kube-apiserver") {
+                return Err(self.not_ready("kube-apiserver", why));
+            }
+            let req = http::Request::get("/readyz").body(Vec::new()).expect("static request");
+            if let Ok(body) = client.request_text(req).await
+                && body.trim() == "ok"
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(self.not_ready("kube-apiserver", format!("/readyz not ok within {READY_TIMEOUT:?}")));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// An admin client.
+    pub async fn client(&self) -> Result<kube::Client, TestEnvError> {
+        let kc = Kubeconfig::read_from(&self.kubeconfig)?;
+        let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+        Ok(kube::Client::try_from(config)?)
+    }
+
+    /// Applies the peat CRDs (server-side) and waits until each is Established.
+    pub async fn install_crds(&self) -> Result<(), TestEnvError> {
+        let client = self.client().await?;
+        let api: Api<CustomResourceDefinition> = Api::all(client);
+        let pp = PatchParams::apply("peat-testenv").force();
+        for crd in crate::api::crds() {
+            let name = crd.metadata.name.clone().expect("generated CRDs are named");
+            api.patch(&name, &pp, &Patch::Apply(&crd)).await?;
+        }
+        for crd in crate::api::crds() {
+            let name = crd.metadata.name.clone().expect("generated CRDs are named");
+            let established = await_condition(api.clone(), &name, conditions::is_crd_established());
+            tokio::time::timeout(Duration::from_secs(60), established)
+                .await
+                .map_err(|_| TestEnvError::CrdNotEstablished(name.clone()))?
+                .map_err(|e| TestEnvError::Build(format!("waiting for {name}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn write_state_files(&self, lifetime: Lifetime) -> Result<(), TestEnvError> {
+        let kube_bin = self.binaries.kubectl.parent().unwrap_or(Path::new("/"));
+        let helm_dir = self.dir.join("bin");
+        std::fs::create_dir_all(&helm_dir).map_err(io("creating bin/"))?;
+        let helm_link = helm_dir.join("helm");
+        let _ = std::fs::remove_file(&helm_link);
+        std::os::unix::fs::symlink(&self.binaries.helm, &helm_link).map_err(io("linking helm"))?;
+        let env_sh = format!(
+            "# peat test environment (make env); source it: . {dir}/env.sh\n\
+             export KUBECONFIG={kc}\n\
+             export PEAT_REGISTRY={reg}\n\
+             export PEAT_ENV_DIR={dir}\n\
+             export PATH={kube_bin}:{helm_dir}:$PATH\n",
+            dir = self.dir.display(),
+            kc = self.kubeconfig.display(),
+            reg = self.registry,
+            kube_bin = kube_bin.display(),
+            helm_dir = helm_dir.display(),
+        );
+        std::fs::write(self.dir.join("env.sh"), env_sh).map_err(io("writing env.sh"))?;
+        if lifetime == Lifetime::Detached {
+            let pids: String =
+                self.processes.iter().map(|p| format!("{} {} {}\n", p.pid(), p.name, p.binary.display())).collect();
+            std::fs::write(self.dir.join("pids"), pids).map_err(io("writing the pid file"))?;
+        }
+        Ok(())
+    }
+
+    /// Leaves the processes running after this value is gone (for `make env`).
+    pub fn detach(mut self) {
+        for p in self.processes.drain(..) {
+            p.forget();
+        }
+    }
+
+    /// Stops every process (SIGTERM, then SIGKILL) and removes the state directory.
+    pub fn stop(&mut self) {
+        for p in self.processes.iter_mut().rev() {
+            p.stop(Duration::from_secs(10));
+        }
+        self.processes.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if !self.processes.is_empty() {
+            self.stop();
+        }
+    }
+}
+
+/// Whether a detached environment in `dir` is running: the pids of its processes that are alive.
+pub fn detached_status(dir: &Path) -> Vec<(u32, String)> {
+    process::read_pid_file(&dir.join("pids"))
+        .into_iter()
+        .filter(|(pid, _, bin)| process::is_alive(*pid, bin))
+        .map(|(pid, name, _)| (pid, name))
+        .collect()
+}
+
+/// Stops a detached environment: every process of its pid file, then removes `dir`. Returns what it stopped.
+pub fn stop_detached(dir: &Path) -> Vec<String> {
+    let mut stopped = Vec::new();
+    let mut entries = process::read_pid_file(&dir.join("pids"));
+    entries.reverse();
+    for (pid, name, bin) in entries {
+        if process::is_alive(pid, &bin) {
+            process::terminate(pid, &bin, Duration::from_secs(10));
+            stopped.push(format!("{name} (pid {pid})"));
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    stopped
+}
+
+/// A minimal HTTP/1.0 GET for plain-HTTP readiness checks (etcd, the registry).
+async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await??;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await??;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((code, body))
+}
