@@ -2,6 +2,10 @@
 //!
 //! The library holds everything; the `peat` binary is a thin set of subcommands over it.
 
+pub mod admin;
 pub mod api;
+pub mod controller;
+pub mod oci;
 pub mod plan;
+pub mod telemetry;
 pub mod testenv;

@@ -16,11 +16,14 @@ struct Cli {
 enum Command {
     /// Print the CustomResourceDefinitions generated from the Rust types (the source of crds/).
     Crds,
+    /// Run the controller: reconcile ModelRollouts into per-node ModelDeployments.
+    Controller(peat::controller::Options),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Controller(opts) => runtime().and_then(|rt| rt.block_on(peat::controller::run(opts))),
         Command::Crds => peat::api::crds_yaml()
             .map_err(anyhow::Error::from)
             .and_then(|yaml| std::io::stdout().write_all(yaml.as_bytes()).map_err(Into::into)),
@@ -32,4 +35,8 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }

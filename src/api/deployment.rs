@@ -131,8 +131,17 @@ pub struct ModelDeploymentStatus {
 }
 
 impl ModelDeployment {
-    /// The object name for a model on a node: `<model>.<node>`.
+    /// The object name for a model on a node: `<model>.<node>`, shortened with a hash of the node
+    /// name when that would pass the 253 characters an object name may have.
     pub fn name_for(model: &str, node: &str) -> String {
-        format!("{model}.{node}")
+        let name = format!("{model}.{node}");
+        if name.len() <= 253 {
+            return name;
+        }
+        use sha2::Digest;
+        let hash = format!("{:x}", sha2::Sha256::digest(node.as_bytes()));
+        let keep = 253 - model.len() - 1 - 1 - 10;
+        let head = node[..keep].trim_end_matches(['.', '-']);
+        format!("{model}.{head}-{}", &hash[..10])
     }
 }

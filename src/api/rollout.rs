@@ -340,6 +340,11 @@ pub struct ModelRolloutStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolved_version: Option<String>,
 
+    /// A version whose rollout aborted on `strategy.failureThreshold`: nothing new starts for it (and
+    /// with `autoRollback` the updated nodes return to the last good version) until `spec.version` changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aborted_version: Option<String>,
+
     /// Nodes in scope.
     #[serde(default)]
     pub total_nodes: i32,

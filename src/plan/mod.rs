@@ -2,4 +2,6 @@
 
 pub mod convergence;
 pub mod scope;
+pub mod status;
+pub mod strategy;
 pub mod variant;

@@ -50,9 +50,21 @@ fn spawner() -> &'static mpsc::Sender<SpawnRequest> {
 impl ManagedProcess {
     /// Starts `bin args…` with stdout and stderr appended to `log`.
     pub fn spawn(name: &str, bin: &Path, args: &[String], log: &Path, lifetime: Lifetime) -> std::io::Result<Self> {
+        Self::spawn_with_env(name, bin, args, &[], log, lifetime)
+    }
+
+    /// Like [`ManagedProcess::spawn`], with extra environment variables.
+    pub fn spawn_with_env(
+        name: &str,
+        bin: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        log: &Path,
+        lifetime: Lifetime,
+    ) -> std::io::Result<Self> {
         let out = File::options().create(true).append(true).open(log)?;
         let mut cmd = Command::new(bin);
-        cmd.args(args).stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
+        cmd.args(args).envs(env.iter().map(|(k, v)| (k, v))).stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
         let parent = std::process::id();
         // SAFETY: only async-signal-safe calls (setsid, prctl, getppid, _exit) between fork and exec.
         unsafe {

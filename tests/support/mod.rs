@@ -36,8 +36,10 @@ extern "C" fn remove_state_at_exit() {
             unsafe { libc::kill(p.pid() as i32, libc::SIGKILL) };
         }
     }
+    // PEAT_KEEP_TESTENV=1 keeps logs and state for a look after the run.
     if let Ok(guard) = CLEANUP.lock()
         && let Some(dir) = guard.as_ref()
+        && std::env::var_os("PEAT_KEEP_TESTENV").is_none()
     {
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -130,4 +132,289 @@ pub fn kubectl(args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .expect("running kubectl")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Controller, nodes, artifacts and simulated agents.
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use peat::api::{DeploymentPhase, ModelDeployment, ModelNode, ModelNodeStatus, ModelRollout};
+use peat::testenv::ManagedProcess;
+
+/// A `peat controller` process of this test run.
+pub struct ControllerProc {
+    pub process: ManagedProcess,
+    pub metrics_addr: String,
+    pub log: PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Starts `peat controller` against this binary's environment and waits until it is ready.
+pub async fn start_controller(name: &str, lease_namespace: &str, extra: &[&str]) -> ControllerProc {
+    let env = env();
+    let port = free_port();
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let log = env.dir.join("logs").join(format!("{name}.log"));
+    let mut args: Vec<String> = vec![
+        "controller".into(),
+        "--metrics-addr".into(),
+        metrics_addr.clone(),
+        "--lease-namespace".into(),
+        lease_namespace.into(),
+        "--identity".into(),
+        name.into(),
+        "--lease-duration".into(),
+        "4s".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let envs = vec![
+        ("KUBECONFIG".to_string(), env.kubeconfig.display().to_string()),
+        ("RUST_LOG".to_string(), "info,peat=debug,kube_lease_manager=info".to_string()),
+    ];
+    let process = ManagedProcess::spawn_with_env(
+        name,
+        Path::new(env!("CARGO_BIN_EXE_peat")),
+        &args,
+        &envs,
+        &log,
+        Lifetime::TiedToThisProcess,
+    )
+    .expect("starting peat controller");
+    let c = ControllerProc { process, metrics_addr, log };
+    c.wait_ready().await;
+    c
+}
+
+impl ControllerProc {
+    /// GET on the admin server.
+    pub async fn get(&self, path: &str) -> Option<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(&self.metrics_addr).await.ok()?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.ok()?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.ok()?;
+        let text = String::from_utf8_lossy(&buf).to_string();
+        let code = text.split_whitespace().nth(1)?.parse().ok()?;
+        Some((code, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+    }
+
+    /// A metric's value (first sample whose line starts with `name`).
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let (_, body) = self.get("/metrics").await?;
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some((200, _)) = self.get("/readyz").await {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "controller not ready in 60 s; log: {}", self.log_tail());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until this replica leads.
+    pub async fn wait_leading(&self, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.metric("peat_controller_leader").await != Some(1.0) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "controller did not lead within {timeout:?}; log: {}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The end of its log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+/// What a simulated node reports.
+#[derive(Clone, Debug)]
+pub struct NodeSpec {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub arch: String,
+    pub gpu_memory: i64,
+    pub providers: Vec<String>,
+    pub free: i64,
+}
+
+impl NodeSpec {
+    pub fn new(name: &str, arch: &str, gpu_memory: i64, providers: &[&str]) -> Self {
+        NodeSpec {
+            name: name.into(),
+            labels: vec![],
+            arch: arch.into(),
+            gpu_memory,
+            providers: providers.iter().map(|p| p.to_string()).collect(),
+            free: 100 << 30,
+        }
+    }
+    pub fn label(mut self, k: &str, v: &str) -> Self {
+        self.labels.push((k.into(), v.into()));
+        self
+    }
+}
+
+/// Registers a Node (no kubelet) and its ModelNode with a fresh heartbeat, as an agent would.
+pub async fn register_node(client: &Client, n: &NodeSpec) {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let labels: serde_json::Map<String, serde_json::Value> =
+        n.labels.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect();
+    let node = serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": n.name, "labels": labels}});
+    nodes
+        .patch(&n.name, &PatchParams::apply("peat-test").force(), &Patch::Apply(&node))
+        .await
+        .expect("creating a Node");
+    let mns: Api<ModelNode> = Api::all(client.clone());
+    let mn = serde_json::json!({"apiVersion": "peat.dev/v1alpha1", "kind": "ModelNode", "metadata": {"name": n.name}, "spec": {}});
+    mns.patch(&n.name, &PatchParams::apply("peat-test").force(), &Patch::Apply(&mn))
+        .await
+        .expect("creating a ModelNode");
+    let status = ModelNodeStatus {
+        arch: Some(n.arch.clone()),
+        gpus: i32::from(n.gpu_memory > 0),
+        gpu_memory_bytes: n.gpu_memory,
+        providers: n.providers.clone(),
+        storage_free_bytes: n.free,
+        storage_total_bytes: n.free * 2,
+        agent_version: Some("test".into()),
+        last_heartbeat: Some(Time(Timestamp::now())),
+        ..Default::default()
+    };
+    set_model_node_status(client, &n.name, &status).await;
+}
+
+pub async fn set_model_node_status(client: &Client, name: &str, status: &ModelNodeStatus) {
+    let mns: Api<ModelNode> = Api::all(client.clone());
+    mns.patch_status(name, &PatchParams::default(), &Patch::Merge(serde_json::json!({"status": status})))
+        .await
+        .expect("patching ModelNode status");
+}
+
+/// Plays the node's agent: reports a phase and active version for a ModelDeployment.
+pub async fn report(client: &Client, ns: &str, md: &str, phase: DeploymentPhase, active: Option<&str>, bytes: i64) {
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), ns);
+    let mut status = serde_json::json!({
+        "phase": phase,
+        "bytesTotal": bytes,
+        "bytesDone": if phase == DeploymentPhase::Operational { bytes } else { bytes / 2 },
+        "lastHeartbeat": Timestamp::now().to_string(),
+    });
+    if let Some(v) = active {
+        status["activeVersion"] = serde_json::json!(v);
+    }
+    if phase == DeploymentPhase::Failed {
+        status["reason"] = serde_json::json!("TransferFailed");
+        status["message"] = serde_json::json!("digest mismatch (simulated)");
+    }
+    api.patch_status(md, &PatchParams::default(), &Patch::Merge(serde_json::json!({"status": status})))
+        .await
+        .unwrap_or_else(|e| panic!("reporting on {ns}/{md}: {e}"));
+}
+
+/// Polls `f` until it returns Some, failing after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The rollout's ModelDeployments, by node.
+pub async fn deployments(
+    client: &Client,
+    ns: &str,
+    model: &str,
+) -> std::collections::BTreeMap<String, ModelDeployment> {
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), ns);
+    api.list(&kube::api::ListParams::default().labels(&format!("peat.dev/model={model}")))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|m| (m.spec.node_name.clone(), m))
+        .collect()
+}
+
+/// Waits until the rollout's status satisfies `pred`.
+pub async fn wait_rollout(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&ModelRollout) -> bool,
+) -> ModelRollout {
+    let api: Api<ModelRollout> = Api::namespaced(client.clone(), ns);
+    eventually(what, timeout, || {
+        let api = api.clone();
+        let pred = &pred;
+        async move { api.get(name).await.ok().filter(|r| pred(r)) }
+    })
+    .await
+}
+
+/// Pushes a two-variant model version (fp16-cuda needing 4 GiB GPU memory, int8-cpu) to the registry.
+pub async fn push_two_variants(repository: &str, version: &str) -> (String, String) {
+    use peat::oci::push::{VariantMeta, push_variant_bytes};
+    let access = peat::oci::RegistryAccess { insecure: true, ..Default::default() };
+    let client = access.client();
+    let cuda = push_variant_bytes(
+        &client,
+        &access.auth,
+        repository,
+        version,
+        &VariantMeta {
+            name: "fp16-cuda".into(),
+            precision: Some("float16".into()),
+            providers: vec!["cuda".into()],
+            min_gpu_memory: 4 << 30,
+            arch: None,
+        },
+        &[("model.onnx", format!("cuda weights {version}").into_bytes()), ("config.json", b"{}".to_vec())],
+    )
+    .await
+    .expect("pushing fp16-cuda");
+    let cpu = push_variant_bytes(
+        &client,
+        &access.auth,
+        repository,
+        version,
+        &VariantMeta {
+            name: "int8-cpu".into(),
+            precision: Some("int8".into()),
+            providers: vec!["cpu".into()],
+            min_gpu_memory: 0,
+            arch: None,
+        },
+        &[("model.onnx", format!("cpu weights {version}").into_bytes())],
+    )
+    .await
+    .expect("pushing int8-cpu");
+    (cuda, cpu)
 }

@@ -1,0 +1,491 @@
+//! `peat controller`: reconciles ModelRollouts into per-node ModelDeployments and aggregates their status.
+//!
+//! Wiring: four reflectors (ModelRollouts, ModelDeployments, ModelNodes, Nodes) run for the whole
+//! life of the process, so every replica keeps a warm cache; their events are mapped to the
+//! rollouts they concern and broadcast. Only the replica holding the Lease runs the kube-runtime
+//! Controller over those triggers, so only it writes.
+
+pub mod metrics;
+mod reconcile;
+pub mod resolve;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::Api;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::watcher::{self, Event as WatchEvent};
+use kube::runtime::{Controller, WatchStreamExt};
+use kube::{Client, ResourceExt};
+use prometheus_client::registry::Registry;
+use tokio::sync::broadcast;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::admin::{self, Admin};
+use crate::api::{ModelDeployment, ModelNode, ModelRollout, ModelRolloutSpec};
+use crate::plan::scope::NodeFacts;
+use crate::telemetry::LogFormat;
+
+pub use reconcile::{Error, FIELD_MANAGER, FINALIZER};
+
+/// Flags of `peat controller`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Options {
+    /// Address of /livez, /readyz and /metrics.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "PEAT_METRICS_ADDR")]
+    pub metrics_addr: SocketAddr,
+    /// A ModelNode heartbeat older than this marks its node NetworkPartition (3× the agent's interval).
+    #[arg(long, default_value = "90s", value_parser = parse_duration, env = "PEAT_HEARTBEAT_TIMEOUT")]
+    pub heartbeat_timeout: Duration,
+    /// Elect a leader through a Lease, so that several replicas run with one writer.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "PEAT_LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// Namespace of the Lease (default: the pod's namespace from POD_NAMESPACE, else `default`).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// Name of the Lease.
+    #[arg(long, default_value = "peat-controller")]
+    pub lease_name: String,
+    /// How long a Lease stays valid without renewal; a new leader takes over after it.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+    /// This replica's identity in the Lease (default: POD_NAME, else hostname-pid).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "PEAT_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+/// Parses `90s`, `2m`, `1h`, `500ms` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration such as 90s, 2m or 500ms"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Transfer-rate samples per rollout (uid), for the ETA.
+#[derive(Default)]
+pub(crate) struct RateTracker {
+    samples: Mutex<HashMap<String, (crate::plan::convergence::ThroughputSample, Option<f64>)>>,
+}
+
+impl RateTracker {
+    /// Records `bytes` done at `now`; returns the smoothed rate.
+    pub(crate) fn observe(&self, uid: &str, bytes: u64, now: Timestamp) -> Option<f64> {
+        use crate::plan::convergence::{ThroughputSample, throughput};
+        let sample = ThroughputSample { at: now, bytes };
+        let mut map = self.samples.lock().expect("rate lock");
+        match map.get(uid).copied() {
+            None => {
+                map.insert(uid.to_string(), (sample, None));
+                None
+            }
+            Some((prev, rate)) if prev.bytes == bytes => rate,
+            Some((prev, rate)) => {
+                let new = throughput(prev, sample);
+                // Exponential smoothing: one slow sample does not swing the ETA.
+                let smoothed = match (rate, new) {
+                    (Some(r), Some(n)) => Some(0.7 * r + 0.3 * n),
+                    (r, n) => n.or(r),
+                };
+                map.insert(uid.to_string(), (sample, smoothed));
+                smoothed
+            }
+        }
+    }
+
+    pub(crate) fn forget(&self, uid: &str) {
+        self.samples.lock().expect("rate lock").remove(uid);
+    }
+}
+
+/// Shared state of the reconciler.
+pub struct Context {
+    pub(crate) client: Client,
+    pub(crate) rollouts: Store<ModelRollout>,
+    pub(crate) deployments: Store<ModelDeployment>,
+    pub(crate) model_nodes: Store<ModelNode>,
+    pub(crate) nodes: Store<Node>,
+    pub(crate) recorder: Recorder,
+    pub(crate) metrics: metrics::Metrics,
+    pub(crate) resolver: resolve::Resolver,
+    pub(crate) rates: RateTracker,
+    pub(crate) failures: Mutex<HashMap<String, u32>>,
+    pub(crate) heartbeat_timeout: Duration,
+}
+
+impl Context {
+    /// Everything known of every node: Node labels joined with ModelNode status.
+    pub(crate) fn node_facts(&self) -> std::collections::BTreeMap<String, NodeFacts> {
+        let mut out: std::collections::BTreeMap<String, NodeFacts> = std::collections::BTreeMap::new();
+        for n in self.nodes.state() {
+            let name = n.name_any();
+            out.insert(name.clone(), NodeFacts { name, labels: n.labels().clone(), capabilities: None });
+        }
+        for mn in self.model_nodes.state() {
+            let name = mn.name_any();
+            let e = out.entry(name.clone()).or_insert_with(|| NodeFacts { name, ..Default::default() });
+            e.capabilities = Some(mn.status.clone().unwrap_or_default());
+        }
+        out
+    }
+}
+
+/// Whether a rollout's scope depends on Node labels or ModelNode facts of nodes it does not name.
+fn scope_may_include(spec: &ModelRolloutSpec, node: &str) -> bool {
+    match &spec.scope.nodes {
+        Some(names) => names.iter().any(|n| n == node),
+        None => true,
+    }
+}
+
+/// Runs the controller until SIGTERM/SIGINT.
+pub async fn run(opts: Options) -> anyhow::Result<()> {
+    crate::telemetry::init(opts.log_format);
+    let client = Client::try_default().await?;
+    let shutdown = CancellationToken::new();
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+            info!("shutting down");
+            shutdown.cancel();
+        });
+    }
+
+    let mut registry = Registry::default();
+    let metrics = metrics::Metrics::new(&mut registry);
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin = Admin { ready: ready.clone(), registry: Arc::new(registry) };
+    let (addr, admin_task) = admin::serve(opts.metrics_addr, admin, shutdown.clone()).await?;
+    info!(%addr, "serving /livez, /readyz and /metrics");
+
+    // Triggers: rollouts to reconcile, from any of the four watches.
+    let (trigger_tx, _) = broadcast::channel::<ObjectRef<ModelRollout>>(16_384);
+    let (rollouts, rollout_writer) = reflector::store();
+    let (deployments, deployment_writer) = reflector::store();
+    let (model_nodes, model_node_writer) = reflector::store();
+    let (nodes, node_writer) = reflector::store();
+
+    let wc = watcher::Config::default().any_semantic();
+    let mut reflectors = tokio::task::JoinSet::new();
+    {
+        let tx = trigger_tx.clone();
+        let s = watcher::watcher(Api::<ModelRollout>::all(client.clone()), wc.clone())
+            .default_backoff()
+            .reflect(rollout_writer);
+        reflectors.spawn(forward_changes(
+            s,
+            |_: &ModelRollout| None,
+            move |r: &ModelRollout| vec![ObjectRef::from_obj(r)],
+            tx,
+            "ModelRollout",
+        ));
+    }
+    {
+        let tx = trigger_tx.clone();
+        let store = rollouts.clone();
+        let s = watcher::watcher(Api::<ModelDeployment>::all(client.clone()), wc.clone())
+            .default_backoff()
+            .reflect(deployment_writer);
+        // A deployment concerns every rollout of its model: its owner, and rivals waiting for the node.
+        reflectors.spawn(forward_changes(
+            s,
+            |_: &ModelDeployment| None,
+            move |md: &ModelDeployment| {
+                store
+                    .state()
+                    .iter()
+                    .filter(|r| r.spec.model == md.spec.model)
+                    .map(|r| ObjectRef::from_obj(&**r))
+                    .collect()
+            },
+            tx,
+            "ModelDeployment",
+        ));
+    }
+    {
+        let tx = trigger_tx.clone();
+        let store = rollouts.clone();
+        // Heartbeats alone do not trigger (staleness is rechecked on a timer); capability changes do.
+        let s = watcher::watcher(Api::<ModelNode>::all(client.clone()), wc.clone())
+            .default_backoff()
+            .reflect(model_node_writer);
+        reflectors.spawn(forward_changes(
+            s,
+            model_node_facts_hash,
+            move |mn: &ModelNode| {
+                let node = mn.name_any();
+                store
+                    .state()
+                    .iter()
+                    .filter(|r| scope_may_include(&r.spec, &node))
+                    .map(|r| ObjectRef::from_obj(&**r))
+                    .collect()
+            },
+            tx,
+            "ModelNode",
+        ));
+    }
+    {
+        let tx = trigger_tx.clone();
+        let store = rollouts.clone();
+        // Nodes matter for their labels only (kubelets update Node status constantly).
+        let s = watcher::watcher(Api::<Node>::all(client.clone()), watcher::Config::default().any_semantic())
+            .default_backoff()
+            .modify(|n: &mut Node| {
+                n.status = None;
+                n.spec = None;
+                n.managed_fields_mut().clear();
+            })
+            .reflect(node_writer);
+        reflectors.spawn(forward_changes(
+            s,
+            |n: &Node| kube::runtime::predicates::labels(n),
+            move |n: &Node| {
+                let node = n.name_any();
+                store
+                    .state()
+                    .iter()
+                    .filter(|r| r.spec.scope.capable.is_none() && scope_may_include(&r.spec, &node))
+                    .map(|r| ObjectRef::from_obj(&**r))
+                    .collect()
+            },
+            tx,
+            "Node",
+        ));
+    }
+
+    // Ready once every watch has its initial list.
+    {
+        let (r, d, m, n, ready) =
+            (rollouts.clone(), deployments.clone(), model_nodes.clone(), nodes.clone(), ready.clone());
+        tokio::spawn(async move {
+            let _ =
+                tokio::join!(r.wait_until_ready(), d.wait_until_ready(), m.wait_until_ready(), n.wait_until_ready());
+            ready.store(true, Ordering::Release);
+            info!("initial lists complete: ready");
+        });
+    }
+
+    let identity = opts.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "peat".into());
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        rollouts: rollouts.clone(),
+        deployments,
+        model_nodes,
+        nodes,
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter { controller: "peat-controller".into(), instance: Some(identity.clone()) },
+        ),
+        metrics,
+        resolver: resolve::Resolver::default(),
+        rates: RateTracker::default(),
+        failures: Mutex::new(HashMap::new()),
+        heartbeat_timeout: opts.heartbeat_timeout,
+    });
+
+    let result = if opts.leader_elect {
+        run_with_leader_election(&opts, &identity, ctx.clone(), trigger_tx.clone(), ready.clone(), shutdown.clone())
+            .await
+    } else {
+        ctx.metrics.leader.set(1);
+        run_controller(ctx.clone(), trigger_tx.clone(), ready.clone(), shutdown.clone()).await;
+        Ok(())
+    };
+    shutdown.cancel();
+    reflectors.abort_all();
+    let _ = admin_task.await;
+    result
+}
+
+/// Hash of what planning reads from a ModelNode, heartbeat excluded.
+fn model_node_facts_hash(mn: &ModelNode) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let s = mn.status.clone().unwrap_or_default();
+    (s.arch, s.gpus, s.gpu_memory_bytes, s.providers, s.storage_free_bytes / (64 << 20)).hash(&mut h);
+    // A node coming back from silence must re-trigger: include whether it has a heartbeat at all.
+    s.last_heartbeat.is_some().hash(&mut h);
+    Some(h.finish())
+}
+
+/// Drives a reflector stream and broadcasts the rollouts each event concerns. When `fingerprint`
+/// gives a value, an update whose fingerprint did not change is not forwarded (a heartbeat, a
+/// kubelet status update); deletions always are.
+async fn forward_changes<K, S>(
+    stream: S,
+    fingerprint: impl Fn(&K) -> Option<u64>,
+    map: impl Fn(&K) -> Vec<ObjectRef<ModelRollout>>,
+    tx: broadcast::Sender<ObjectRef<ModelRollout>>,
+    kind: &'static str,
+) where
+    K: kube::Resource,
+    S: futures::Stream<Item = Result<WatchEvent<K>, watcher::Error>>,
+{
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    let mut stream = std::pin::pin!(stream);
+    while let Some(ev) = stream.next().await {
+        let (obj, deleted) = match ev {
+            Ok(WatchEvent::Apply(o) | WatchEvent::InitApply(o)) => (o, false),
+            Ok(WatchEvent::Delete(o)) => (o, true),
+            Ok(_) => continue,
+            Err(e) => {
+                warn!(kind, error = %e, "watch error (retrying with backoff)");
+                continue;
+            }
+        };
+        let id = format!(
+            "{}/{}",
+            obj.meta().namespace.clone().unwrap_or_default(),
+            obj.meta().name.clone().unwrap_or_default()
+        );
+        if deleted {
+            seen.remove(&id);
+        } else if let Some(fp) = fingerprint(&obj)
+            && seen.insert(id, fp) == Some(fp)
+        {
+            continue;
+        }
+        for r in map(&obj) {
+            let _ = tx.send(r);
+        }
+    }
+}
+
+async fn run_with_leader_election(
+    opts: &Options,
+    identity: &str,
+    ctx: Arc<Context>,
+    triggers: broadcast::Sender<ObjectRef<ModelRollout>>,
+    ready: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let duration = opts.lease_duration.as_secs().max(2);
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(ctx.client.clone(), &opts.lease_name)
+        .with_namespace(&opts.lease_namespace)
+        .with_identity(identity)
+        .with_duration(duration)
+        .with_grace((duration / 3).max(1))
+        .with_field_manager(format!("{FIELD_MANAGER}-lease"))
+        .build()
+        .await?;
+    let (mut leader_rx, lease_task) = manager.watch().await;
+    info!(identity, lease = %opts.lease_name, "waiting for the lease");
+    loop {
+        // Wait to become leader (or to be told to stop).
+        while !*leader_rx.borrow_and_update() {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                changed = leader_rx.changed() => if changed.is_err() { anyhow::bail!("the lease manager stopped") },
+            }
+        }
+        if shutdown.is_cancelled() {
+            break;
+        }
+        info!(identity, "leading: running the controller");
+        ctx.metrics.leader.set(1);
+        let lost = CancellationToken::new();
+        let run = run_controller(ctx.clone(), triggers.clone(), ready.clone(), lost.clone());
+        let mut run = std::pin::pin!(run);
+        tokio::select! {
+            _ = &mut run => {},
+            _ = shutdown.cancelled() => { lost.cancel(); run.await; },
+            _ = async { while leader_rx.changed().await.is_ok() { if !*leader_rx.borrow() { break } } } => {
+                warn!(identity, "lost the lease: stopping the controller");
+                lost.cancel();
+                run.await;
+            }
+        }
+        ctx.metrics.leader.set(0);
+        if shutdown.is_cancelled() {
+            break;
+        }
+    }
+    // Dropping the receiver makes the lease task release the lease, so a successor need not wait it out.
+    drop(leader_rx);
+    match tokio::time::timeout(Duration::from_secs(5), lease_task).await {
+        Ok(Ok(Ok(manager))) => {
+            let _ = manager.release().await;
+        }
+        Ok(Ok(Err(e))) => warn!(error = %e, "lease manager"),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Runs the kube-runtime Controller over the broadcast triggers until `stop`.
+async fn run_controller(
+    ctx: Arc<Context>,
+    triggers: broadcast::Sender<ObjectRef<ModelRollout>>,
+    ready: Arc<AtomicBool>,
+    stop: CancellationToken,
+) {
+    // Do not plan from half-listed caches: a missing ModelDeployment would look like one to create.
+    let _ = &ready;
+    let stores_ready = async {
+        let _ = tokio::join!(
+            ctx.rollouts.wait_until_ready(),
+            ctx.deployments.wait_until_ready(),
+            ctx.model_nodes.wait_until_ready(),
+            ctx.nodes.wait_until_ready()
+        );
+    };
+    tokio::select! {
+        _ = stop.cancelled() => return,
+        _ = stores_ready => {},
+    }
+    reconcile::sweep_orphans(&ctx).await;
+    let refs = BroadcastStream::new(triggers.subscribe()).filter_map(|r| async move { r.ok() });
+    // Everything once at start, then every 5 minutes as a safety net against lost triggers.
+    let resync = futures::stream::once(async {}).chain(
+        tokio_stream::wrappers::IntervalStream::new(tokio::time::interval_at(
+            tokio::time::Instant::now() + Duration::from_secs(300),
+            Duration::from_secs(300),
+        ))
+        .map(|_| ()),
+    );
+    let controller = Controller::for_stream(
+        futures::stream::pending::<Result<ModelRollout, watcher::Error>>(),
+        ctx.rollouts.clone(),
+    )
+    .reconcile_on(refs)
+    .reconcile_all_on(resync)
+    .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_millis(200)).concurrency(8))
+    .graceful_shutdown_on(stop.cancelled_owned());
+    controller
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "reconcile");
+            }
+        })
+        .await;
+}

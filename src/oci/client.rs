@@ -1,0 +1,224 @@
+//! Registry clients (plain HTTP for `insecure`, docker-config credentials) and resolving a version.
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use oci_client::Reference;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
+use oci_client::manifest::OciManifest;
+use oci_client::secrets::RegistryAuth;
+
+use super::layout::{LayoutError, variant_from_manifest, variants_from_index};
+use crate::plan::variant::VariantInfo;
+
+/// Registry errors, classified for retries.
+#[derive(Debug, thiserror::Error)]
+pub enum OciError {
+    /// A reference that does not parse.
+    #[error("{reference:?} is not a valid OCI reference: {why}")]
+    BadReference {
+        /// The reference.
+        reference: String,
+        /// Why.
+        why: String,
+    },
+    /// The tag or digest does not exist (yet): retry later, someone may push it.
+    #[error("{0} not found in the registry")]
+    NotFound(String),
+    /// The registry refused our credentials.
+    #[error("the registry refused access to {reference}: {message}")]
+    Unauthorized {
+        /// What we asked for.
+        reference: String,
+        /// The registry's words.
+        message: String,
+    },
+    /// The registry cannot be reached or answered with a server error.
+    #[error("registry unreachable for {reference}: {message}")]
+    Unreachable {
+        /// What we asked for.
+        reference: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The artifact breaks the layout contract.
+    #[error("{reference}: {source}")]
+    Layout {
+        /// What we read.
+        reference: String,
+        /// How it is wrong.
+        source: LayoutError,
+    },
+    /// A pull secret that cannot be used.
+    #[error("pull secret: {0}")]
+    BadCredentials(String),
+    /// Anything else the registry client reported.
+    #[error("{reference}: {message}")]
+    Other {
+        /// What we asked for.
+        reference: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl OciError {
+    /// Classifies an oci-client error for `reference`.
+    pub fn from_client(reference: &str, e: OciDistributionError) -> OciError {
+        let reference = reference.to_string();
+        match e {
+            OciDistributionError::ImageManifestNotFoundError(_) => OciError::NotFound(reference),
+            OciDistributionError::ServerError { code: 404, .. } => OciError::NotFound(reference),
+            OciDistributionError::RegistryError { ref envelope, .. }
+                if envelope.errors.iter().any(|e| {
+                    matches!(
+                        e.code,
+                        oci_client::errors::OciErrorCode::ManifestUnknown
+                            | oci_client::errors::OciErrorCode::NameUnknown
+                            | oci_client::errors::OciErrorCode::BlobUnknown
+                    )
+                }) =>
+            {
+                OciError::NotFound(reference)
+            }
+            OciDistributionError::AuthenticationFailure(message)
+            | OciDistributionError::UnauthorizedError { url: message } => OciError::Unauthorized { reference, message },
+            OciDistributionError::ServerError { code: 401 | 403, message, .. } => {
+                OciError::Unauthorized { reference, message }
+            }
+            OciDistributionError::RequestError(e) => OciError::Unreachable { reference, message: e.to_string() },
+            OciDistributionError::ServerError { code, message, .. } if code >= 500 => {
+                OciError::Unreachable { reference, message: format!("HTTP {code}: {message}") }
+            }
+            other => OciError::Other { reference, message: other.to_string() },
+        }
+    }
+
+    /// Whether waiting and trying again may help (anything but a malformed artifact or reference).
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, OciError::BadReference { .. } | OciError::Layout { .. } | OciError::BadCredentials(_))
+    }
+}
+
+/// How to reach one registry: protocol and credentials.
+#[derive(Clone, Debug)]
+pub struct RegistryAccess {
+    /// Plain HTTP.
+    pub insecure: bool,
+    /// Credentials.
+    pub auth: RegistryAuth,
+}
+
+impl Default for RegistryAccess {
+    fn default() -> Self {
+        RegistryAccess { insecure: false, auth: RegistryAuth::Anonymous }
+    }
+}
+
+impl RegistryAccess {
+    /// A client for this access (oci-client keeps tokens per client; make one per registry and reuse it).
+    pub fn client(&self) -> oci_client::Client {
+        oci_client::Client::new(ClientConfig {
+            protocol: if self.insecure { ClientProtocol::Http } else { ClientProtocol::Https },
+            ..Default::default()
+        })
+    }
+}
+
+/// Parses a reference, mapping the error.
+pub fn parse_reference(reference: &str) -> Result<Reference, OciError> {
+    reference
+        .parse::<Reference>()
+        .map_err(|e| OciError::BadReference { reference: reference.to_string(), why: e.to_string() })
+}
+
+/// Credentials for `registry` from a `.dockerconfigjson` document (`auths.<host>.auth`,
+/// `username`/`password`, or `identitytoken`); anonymous when it has none for that host.
+pub fn auth_from_docker_config(json: &[u8], registry: &str) -> Result<RegistryAuth, OciError> {
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        auth: Option<String>,
+        username: Option<String>,
+        password: Option<String>,
+        identitytoken: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct DockerConfig {
+        #[serde(default)]
+        auths: BTreeMap<String, Entry>,
+    }
+    let cfg: DockerConfig =
+        serde_json::from_slice(json).map_err(|e| OciError::BadCredentials(format!("not a docker config: {e}")))?;
+    let host_of = |key: &str| {
+        let k = key.trim_start_matches("https://").trim_start_matches("http://");
+        k.split('/').next().unwrap_or(k).to_string()
+    };
+    let Some(entry) = cfg.auths.iter().find(|(k, _)| host_of(k) == registry).map(|(_, v)| v) else {
+        return Ok(RegistryAuth::Anonymous);
+    };
+    if let Some(token) = &entry.identitytoken {
+        return Ok(RegistryAuth::Bearer(token.clone()));
+    }
+    if let (Some(u), Some(p)) = (&entry.username, &entry.password) {
+        return Ok(RegistryAuth::Basic(u.clone(), p.clone()));
+    }
+    if let Some(auth) = &entry.auth {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(auth.trim())
+            .map_err(|e| OciError::BadCredentials(format!("auth for {registry} is not base64: {e}")))?;
+        let text = String::from_utf8(raw).map_err(|_| OciError::BadCredentials("auth is not UTF-8".into()))?;
+        let (u, p) = text
+            .split_once(':')
+            .ok_or_else(|| OciError::BadCredentials(format!("auth for {registry} is not user:password")))?;
+        return Ok(RegistryAuth::Basic(u.into(), p.into()));
+    }
+    Ok(RegistryAuth::Anonymous)
+}
+
+/// A model version read from the registry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolved {
+    /// Digest of what the tag pointed at (the index, or a lone manifest).
+    pub digest: String,
+    /// Its variants.
+    pub variants: Vec<VariantInfo>,
+}
+
+/// Reads `<repository>:<tag>` or `<repository>@<digest>`: an image index (one entry per variant) or
+/// a single manifest (one variant, e.g. an ORAS artifact).
+pub async fn resolve(client: &oci_client::Client, auth: &RegistryAuth, reference: &str) -> Result<Resolved, OciError> {
+    let r = parse_reference(reference)?;
+    let (manifest, digest) = client.pull_manifest(&r, auth).await.map_err(|e| OciError::from_client(reference, e))?;
+    let variants = match &manifest {
+        OciManifest::ImageIndex(index) => {
+            variants_from_index(index).map_err(|source| OciError::Layout { reference: reference.into(), source })?
+        }
+        OciManifest::Image(m) => vec![variant_from_manifest(m, &digest)],
+    };
+    Ok(Resolved { digest, variants })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_config_credentials() {
+        let b64 = base64::engine::general_purpose::STANDARD.encode("robot:s3cret");
+        let json = format!(
+            r#"{{"auths": {{"https://reg.example:5000/v1/": {{"auth": "{b64}"}}, "other": {{"username": "u", "password": "p"}}}}}}"#
+        );
+        assert_eq!(
+            format!("{:?}", auth_from_docker_config(json.as_bytes(), "reg.example:5000").unwrap()),
+            format!("{:?}", RegistryAuth::Basic("robot".into(), "s3cret".into()))
+        );
+        assert!(
+            matches!(auth_from_docker_config(json.as_bytes(), "other").unwrap(), RegistryAuth::Basic(u, _) if u == "u")
+        );
+        assert!(matches!(auth_from_docker_config(json.as_bytes(), "nowhere").unwrap(), RegistryAuth::Anonymous));
+        assert!(auth_from_docker_config(b"not json", "x").is_err());
+        let bad = r#"{"auths": {"x": {"auth": "%%%"}}}"#;
+        assert!(matches!(auth_from_docker_config(bad.as_bytes(), "x"), Err(OciError::BadCredentials(_))));
+    }
+}

@@ -1,0 +1,187 @@
+//! The OCI layout contract: media types and annotations, and reading variants out of an index.
+
+use oci_client::manifest::{OciImageIndex, OciImageManifest};
+
+use crate::plan::variant::VariantInfo;
+
+/// Annotation on an index entry: the variant's name.
+pub const ANN_VARIANT: &str = "peat.dev/variant";
+/// Annotation on an index entry: numeric precision (`float16`, `int8`, …).
+pub const ANN_PRECISION: &str = "peat.dev/precision";
+/// Annotation on an index entry: comma-separated execution providers the variant needs.
+pub const ANN_PROVIDERS: &str = "peat.dev/providers";
+/// Annotation on an index entry: least GPU memory, bytes.
+pub const ANN_MIN_GPU_MEMORY: &str = "peat.dev/min-gpu-memory";
+/// Annotation on an index entry: total size of the variant's files, bytes.
+pub const ANN_SIZE: &str = "peat.dev/size";
+/// Layer annotation: the file's path relative to the model directory (ORAS convention).
+pub const ANN_TITLE: &str = "org.opencontainers.image.title";
+/// Media type of a chunk-index layer.
+pub const MEDIA_CHUNK_INDEX: &str = "application/vnd.peat.chunk-index.v1+json";
+/// Chunk-index layer annotation: the digest of the layer it indexes.
+pub const ANN_CHUNKS_OF: &str = "peat.dev/chunks-of";
+/// Media type of a model file layer pushed by peat.
+pub const MEDIA_MODEL_FILE: &str = "application/vnd.peat.model.file.v1";
+/// Artifact type of a peat variant manifest.
+pub const ARTIFACT_TYPE: &str = "application/vnd.peat.model.v1";
+/// Name given to the only variant of an artifact that is a plain manifest (e.g. pushed by `oras push`).
+pub const DEFAULT_VARIANT: &str = "default";
+
+/// An index entry or manifest that breaks the layout contract.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LayoutError {
+    /// An annotation holds something that is not what the contract says.
+    #[error("index entry {digest}: annotation {key}={value:?} is not {expected}")]
+    BadAnnotation {
+        /// The entry's digest.
+        digest: String,
+        /// The annotation key.
+        key: &'static str,
+        /// Its value.
+        value: String,
+        /// What it should be.
+        expected: &'static str,
+    },
+    /// Two entries claim the same variant name.
+    #[error("the index lists variant {0:?} twice")]
+    DuplicateVariant(String),
+    /// The index has no entries.
+    #[error("the index lists no manifests")]
+    Empty,
+}
+
+fn parse_u64(digest: &str, key: &'static str, value: &str) -> Result<u64, LayoutError> {
+    value.trim().parse().map_err(|_| LayoutError::BadAnnotation {
+        digest: digest.into(),
+        key,
+        value: value.into(),
+        expected: "a byte count",
+    })
+}
+
+/// Reads the variants of a model version from its image index.
+///
+/// An entry without `peat.dev/variant` is named after its platform (`linux-arm64`) or, failing that,
+/// its position, so a plain multi-arch index still works; without `peat.dev/size` its size is the
+/// size of the manifest (small), which the agent corrects once it reads the manifest.
+pub fn variants_from_index(index: &OciImageIndex) -> Result<Vec<VariantInfo>, LayoutError> {
+    if index.manifests.is_empty() {
+        return Err(LayoutError::Empty);
+    }
+    let mut out: Vec<VariantInfo> = Vec::with_capacity(index.manifests.len());
+    for (i, entry) in index.manifests.iter().enumerate() {
+        let ann = entry.annotations.clone().unwrap_or_default();
+        let arch = entry.platform.as_ref().map(|p| p.architecture.to_string()).filter(|a| !a.is_empty());
+        let name = ann.get(ANN_VARIANT).cloned().unwrap_or_else(|| match &entry.platform {
+            Some(p) => format!("{}-{}", p.os, p.architecture),
+            None if index.manifests.len() == 1 => DEFAULT_VARIANT.to_string(),
+            None => format!("variant-{i}"),
+        });
+        if out.iter().any(|v| v.name == name) {
+            return Err(LayoutError::DuplicateVariant(name));
+        }
+        let providers = ann
+            .get(ANN_PROVIDERS)
+            .map(|p| p.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect())
+            .unwrap_or_default();
+        let min_gpu_memory = match ann.get(ANN_MIN_GPU_MEMORY) {
+            Some(v) => parse_u64(&entry.digest, ANN_MIN_GPU_MEMORY, v)?,
+            None => 0,
+        };
+        let size = match ann.get(ANN_SIZE) {
+            Some(v) => parse_u64(&entry.digest, ANN_SIZE, v)?,
+            None => entry.size.max(0) as u64,
+        };
+        out.push(VariantInfo {
+            name,
+            digest: entry.digest.clone(),
+            precision: ann.get(ANN_PRECISION).cloned(),
+            providers,
+            min_gpu_memory,
+            size,
+            arch,
+        });
+    }
+    Ok(out)
+}
+
+/// A plain manifest (an ORAS or ModelPack artifact without an index) as the one variant of its version.
+pub fn variant_from_manifest(manifest: &OciImageManifest, digest: &str) -> VariantInfo {
+    let ann = manifest.annotations.clone().unwrap_or_default();
+    VariantInfo {
+        name: ann.get(ANN_VARIANT).cloned().unwrap_or_else(|| DEFAULT_VARIANT.to_string()),
+        digest: digest.to_string(),
+        precision: ann.get(ANN_PRECISION).cloned(),
+        providers: Vec::new(),
+        min_gpu_memory: 0,
+        size: manifest.layers.iter().filter(|l| l.media_type != MEDIA_CHUNK_INDEX).map(|l| l.size.max(0) as u64).sum(),
+        arch: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oci_client::manifest::ImageIndexEntry;
+    use std::collections::BTreeMap;
+
+    fn entry(digest: &str, ann: &[(&str, &str)]) -> ImageIndexEntry {
+        ImageIndexEntry {
+            media_type: oci_client::manifest::OCI_IMAGE_MEDIA_TYPE.into(),
+            digest: digest.into(),
+            size: 512,
+            platform: None,
+            annotations: Some(ann.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>()),
+            artifact_type: None,
+        }
+    }
+
+    fn index(entries: Vec<ImageIndexEntry>) -> OciImageIndex {
+        OciImageIndex {
+            schema_version: 2,
+            media_type: Some(oci_client::manifest::OCI_IMAGE_INDEX_MEDIA_TYPE.into()),
+            manifests: entries,
+            artifact_type: None,
+            annotations: None,
+        }
+    }
+
+    #[test]
+    fn reads_the_contract_annotations() {
+        let idx = index(vec![
+            entry(
+                "sha256:aa",
+                &[
+                    (ANN_VARIANT, "fp16-cuda"),
+                    (ANN_PRECISION, "float16"),
+                    (ANN_PROVIDERS, "cuda, tensorrt"),
+                    (ANN_MIN_GPU_MEMORY, "4294967296"),
+                    (ANN_SIZE, "900000000"),
+                ],
+            ),
+            entry("sha256:bb", &[(ANN_VARIANT, "int8-cpu"), (ANN_PROVIDERS, "cpu"), (ANN_SIZE, "250000000")]),
+        ]);
+        let v = variants_from_index(&idx).unwrap();
+        assert_eq!(v[0].name, "fp16-cuda");
+        assert_eq!(v[0].providers, ["cuda", "tensorrt"]);
+        assert_eq!(v[0].min_gpu_memory, 4 << 30);
+        assert_eq!(v[0].size, 900_000_000);
+        assert_eq!(v[0].precision.as_deref(), Some("float16"));
+        assert_eq!((v[1].name.as_str(), v[1].min_gpu_memory, v[1].digest.as_str()), ("int8-cpu", 0, "sha256:bb"));
+    }
+
+    #[test]
+    fn refuses_bad_numbers_and_duplicate_names() {
+        let idx = index(vec![entry("sha256:aa", &[(ANN_VARIANT, "x"), (ANN_SIZE, "big")])]);
+        assert!(matches!(variants_from_index(&idx), Err(LayoutError::BadAnnotation { key: ANN_SIZE, .. })));
+        let idx = index(vec![entry("sha256:aa", &[(ANN_VARIANT, "x")]), entry("sha256:bb", &[(ANN_VARIANT, "x")])]);
+        assert_eq!(variants_from_index(&idx), Err(LayoutError::DuplicateVariant("x".into())));
+        assert_eq!(variants_from_index(&index(vec![])), Err(LayoutError::Empty));
+    }
+
+    #[test]
+    fn an_unannotated_single_entry_is_the_default_variant() {
+        let v = variants_from_index(&index(vec![entry("sha256:aa", &[])])).unwrap();
+        assert_eq!((v[0].name.as_str(), v[0].size), (DEFAULT_VARIANT, 512));
+    }
+}
