@@ -9,7 +9,7 @@ ENV_DIR := target/peat-env
 
 ## test: everything CI runs — lint, unit tests, CRD drift check, integration tests on the real environment
 test: lint testenv-bins
-	$(CARGO) test --all-targets --no-fail-fast
+	$(CARGO) test --lib --bins --tests --no-fail-fast
 	$(MAKE) --no-print-directory check-orphans
 
 ## lint: rustfmt and clippy with -D warnings
@@ -60,5 +60,6 @@ check-orphans:
 demo:
 	@echo "make demo arrives with the controller and agent issues (#4, #5, #7): nothing to demo yet." >&2; exit 2
 
-bench:
-	@echo "make bench arrives with the controller, agent and delta issues (#4, #5, #6): no benchmark yet." >&2; exit 2
+## bench: the benchmarks, each printing its figures as ratios against a baseline measured in the same run
+bench: testenv-bins
+	$(CARGO) bench --bench controller_scale

@@ -279,14 +279,26 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         ));
     }
 
-    // Ready once every watch has its initial list.
+    // Ready once every watch has its initial list. One waiter per store: a store's readiness wakes
+    // only the waiter that polled it last (kube-runtime's DelayedInit holds one oneshot waker), so
+    // everything else waits on this task's signal instead.
+    let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     {
         let (r, d, m, n, ready) =
             (rollouts.clone(), deployments.clone(), model_nodes.clone(), nodes.clone(), ready.clone());
         tokio::spawn(async move {
-            let _ =
-                tokio::join!(r.wait_until_ready(), d.wait_until_ready(), m.wait_until_ready(), n.wait_until_ready());
+            for store_ready in [
+                r.wait_until_ready().await,
+                d.wait_until_ready().await,
+                m.wait_until_ready().await,
+                n.wait_until_ready().await,
+            ] {
+                if store_ready.is_err() {
+                    return; // a reflector ended: stay unready
+                }
+            }
             ready.store(true, Ordering::Release);
+            let _ = ready_tx.send(true);
             info!("initial lists complete: ready");
         });
     }
@@ -313,11 +325,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     });
 
     let result = if opts.leader_elect {
-        run_with_leader_election(&opts, &identity, ctx.clone(), trigger_tx.clone(), ready.clone(), shutdown.clone())
-            .await
+        run_with_leader_election(&opts, &identity, ctx.clone(), trigger_tx.clone(), ready_rx, shutdown.clone()).await
     } else {
         ctx.metrics.leader.set(1);
-        run_controller(ctx.clone(), trigger_tx.clone(), ready.clone(), shutdown.clone()).await;
+        run_controller(ctx.clone(), trigger_tx.clone(), ready_rx, shutdown.clone()).await;
         Ok(())
     };
     shutdown.cancel();
@@ -385,7 +396,7 @@ async fn run_with_leader_election(
     identity: &str,
     ctx: Arc<Context>,
     triggers: broadcast::Sender<ObjectRef<ModelRollout>>,
-    ready: Arc<AtomicBool>,
+    ready: tokio::sync::watch::Receiver<bool>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let duration = opts.lease_duration.as_secs().max(2);
@@ -445,22 +456,13 @@ async fn run_with_leader_election(
 async fn run_controller(
     ctx: Arc<Context>,
     triggers: broadcast::Sender<ObjectRef<ModelRollout>>,
-    ready: Arc<AtomicBool>,
+    mut ready: tokio::sync::watch::Receiver<bool>,
     stop: CancellationToken,
 ) {
     // Do not plan from half-listed caches: a missing ModelDeployment would look like one to create.
-    let _ = &ready;
-    let stores_ready = async {
-        let _ = tokio::join!(
-            ctx.rollouts.wait_until_ready(),
-            ctx.deployments.wait_until_ready(),
-            ctx.model_nodes.wait_until_ready(),
-            ctx.nodes.wait_until_ready()
-        );
-    };
     tokio::select! {
         _ = stop.cancelled() => return,
-        _ = stores_ready => {},
+        r = ready.wait_for(|r| *r) => if r.is_err() { return },
     }
     reconcile::sweep_orphans(&ctx).await;
     let refs = BroadcastStream::new(triggers.subscribe()).filter_map(|r| async move { r.ok() });

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -24,6 +25,9 @@ use crate::plan::status::{SourceProblem, StatusInput, rollout_status};
 use crate::plan::strategy::{
     Claim, EffectiveTarget, PlanInput, controller_uid, failed_on, plan_deployments, threshold_crossed,
 };
+
+/// ModelDeployment writes in flight at once within one reconcile.
+const WRITE_CONCURRENCY: usize = 16;
 
 /// Field manager of every write the controller makes (server-side apply).
 pub const FIELD_MANAGER: &str = "peat-controller";
@@ -104,7 +108,16 @@ fn labels(r: &ModelRollout) -> RolloutLabels {
     RolloutLabels { namespace: r.namespace().unwrap_or_default(), name: r.name_any() }
 }
 
-async fn publish(ctx: &Context, r: &ModelRollout, type_: EventType, reason: &str, note: String) {
+async fn publish(ctx: &Context, r: &ModelRollout, type_: EventType, reason: &str, mut note: String) {
+    // The API server refuses event messages over 1024 bytes.
+    if note.len() > 1000 {
+        let mut cut = 1000;
+        while !note.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        note.truncate(cut);
+        note.push('…');
+    }
     let ev = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
     if let Err(e) = ctx.recorder.publish(&ev, &r.object_ref(&())).await {
         warn!(error = %e, "publishing an event");
@@ -292,11 +305,13 @@ async fn apply(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result<Action, Error>
         .filter(|md| md.namespace().as_deref() == Some(ns.as_str()))
         .map(|md| (md.name_any(), md))
         .collect();
+    // Writes go out a few at a time: one round trip each, bounded so a big fleet does not flood
+    // the API server (its priority-and-fairness limits apply as well).
     let pp = PatchParams::apply(FIELD_MANAGER).force();
-    for desired in &plan.apply {
+    let applies = plan.apply.iter().filter_map(|desired| {
         let name = ModelDeployment::name_for(&desired.model, &desired.node_name);
         if existing.get(&name).is_some_and(|md| same_deployment(md, desired, &uid)) {
-            continue;
+            return None;
         }
         let mut labels = serde_json::Map::new();
         labels.insert(LABEL_MODEL.into(), json!(desired.model));
@@ -310,18 +325,35 @@ async fn apply(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result<Action, Error>
             "metadata": {"name": name, "namespace": ns, "labels": labels, "ownerReferences": [owner]},
             "spec": desired,
         });
-        md_api.patch(&name, &pp, &Patch::Apply(&obj)).await?;
-        ctx.metrics.deployment_writes.inc();
-    }
-    for name in &plan.delete {
-        match md_api.delete(name, &DeleteParams::background()).await {
-            Ok(_) => {
-                ctx.metrics.deployment_writes.inc();
+        let (md_api, pp, ctx) = (md_api.clone(), pp.clone(), ctx.clone());
+        Some(async move {
+            md_api.patch(&name, &pp, &Patch::Apply(&obj)).await?;
+            ctx.metrics.deployment_writes.inc();
+            Ok::<(), kube::Error>(())
+        })
+    });
+    // Collected first: a lazy iterator of borrowing closures trips the Send bound of the controller.
+    let applies: Vec<_> = applies.collect();
+    futures::stream::iter(applies).buffer_unordered(WRITE_CONCURRENCY).try_collect::<Vec<()>>().await?;
+    let deletes: Vec<_> = plan
+        .delete
+        .iter()
+        .cloned()
+        .map(|name| {
+            let (md_api, ctx) = (md_api.clone(), ctx.clone());
+            async move {
+                match md_api.delete(&name, &DeleteParams::background()).await {
+                    Ok(_) => {
+                        ctx.metrics.deployment_writes.inc();
+                        Ok(())
+                    }
+                    Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+                    Err(e) => Err(e),
+                }
             }
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+        })
+        .collect();
+    futures::stream::iter(deletes).buffer_unordered(WRITE_CONCURRENCY).try_collect::<Vec<()>>().await?;
 
     // status (pure) from what the agents reported
     let own: Vec<ModelDeployment> =

@@ -72,6 +72,16 @@ fn condition(
     }
 }
 
+/// "N node(s) held for model M by A, B, C and 4 more": bounded, whatever the number of holders.
+pub fn conflict_message(model: &str, conflicts: &[(String, String)]) -> String {
+    let mut holders: Vec<&str> = conflicts.iter().map(|(_, h)| h.as_str()).collect();
+    holders.sort();
+    holders.dedup();
+    let shown = holders.iter().take(3).copied().collect::<Vec<_>>().join(", ");
+    let more = if holders.len() > 3 { format!(" and {} more", holders.len() - 3) } else { String::new() };
+    format!("{} node(s) held for model {model} by {shown}{more}", conflicts.len())
+}
+
 /// Computes the rollout's next status.
 pub fn rollout_status(input: &StatusInput<'_>) -> ModelRolloutStatus {
     let r = input.rollout;
@@ -148,14 +158,7 @@ pub fn rollout_status(input: &StatusInput<'_>) -> ModelRolloutStatus {
     } else if let Some(p) = &input.source_problem {
         (false, p.reason.clone(), p.message.clone())
     } else if !input.conflicts.is_empty() {
-        let mut holders: Vec<&str> = input.conflicts.iter().map(|(_, h)| h.as_str()).collect();
-        holders.sort();
-        holders.dedup();
-        (
-            false,
-            "Conflict".into(),
-            format!("{} node(s) held for model {} by {}", input.conflicts.len(), spec.model, holders.join(", ")),
-        )
+        (false, "Conflict".into(), conflict_message(&spec.model, input.conflicts))
     } else if c.total == 0 && input.target.is_some() {
         (false, "NoTargets".into(), "the scope matches no node with a peat agent".into())
     } else {

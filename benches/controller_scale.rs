@@ -1,0 +1,219 @@
+//! `make bench` — controller at scale, on the real environment.
+//!
+//! Registers N Nodes + ModelNodes, applies one rollout (maxParallel 100%) and prints:
+//! - time until all N ModelDeployments exist ÷ the time this benchmark takes to create N such
+//!   objects itself, one after another like the controller's reconcile does (the floor);
+//! - API write requests per node (from the API server's /metrics);
+//! - the controller's peak RSS;
+//! - the lag between the last simulated agent report and the Converged status.
+//!
+//! N = 1000, then 5000 when the 1000 run finished in reasonable time (PEAT_BENCH_NODES overrides).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use peat::api::{DeploymentPhase, ModelDeployment, ModelRollout};
+use serde_json::json;
+
+const CONCURRENCY: usize = 32;
+
+async fn write_requests(client: &kube::Client) -> BTreeMap<String, f64> {
+    let req = http::Request::get("/metrics").body(Vec::new()).unwrap();
+    let text = client.request_text(req).await.expect("API server /metrics");
+    let mut out = BTreeMap::new();
+    for line in text.lines().filter(|l| l.starts_with("apiserver_request_total{")) {
+        let writes = ["verb=\"POST\"", "verb=\"PUT\"", "verb=\"PATCH\"", "verb=\"APPLY\"", "verb=\"DELETE\""];
+        if !line.contains("group=\"peat.dev\"") || !writes.iter().any(|w| line.contains(w)) {
+            continue;
+        }
+        let resource = line.split("resource=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("?");
+        let sub = line.split("subresource=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("");
+        let v: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        *out.entry(if sub.is_empty() { resource.to_string() } else { format!("{resource}/{sub}") }).or_default() += v;
+    }
+    out
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    kb / 1024.0
+}
+
+async fn run(n: usize) -> Duration {
+    let bench_start = Instant::now();
+    let ctx = support::ctx(&format!("bench-{n}")).await;
+    let client = ctx.client.clone();
+    let repo = format!("{}/models/bench{n}", ctx.env.registry);
+    support::push_two_variants(&repo, "1.0.0").await;
+    let prefix = format!("b{n}");
+    let nodes: Vec<String> = (0..n).map(|i| format!("{prefix}-node-{i:05}")).collect();
+    let t = Instant::now();
+    futures::stream::iter(nodes.iter().map(|name| {
+        let client = client.clone();
+        let prefix = prefix.clone();
+        async move {
+            let spec = support::NodeSpec::new(name, "amd64", 0, &["cpu"]).label("bench", &prefix);
+            support::register_node(&client, &spec).await;
+        }
+    }))
+    .buffer_unordered(CONCURRENCY)
+    .collect::<Vec<_>>()
+    .await;
+    println!("  registered {n} Nodes + ModelNodes in {:.1} s", t.elapsed().as_secs_f64());
+
+    // The floor: the same objects created directly by this process — one after another, and with
+    // the controller's own write concurrency (16 in flight).
+    let floor_object = |node: &str, model: &str| -> ModelDeployment {
+        serde_json::from_value(json!({
+            "apiVersion": "peat.dev/v1alpha1", "kind": "ModelDeployment",
+            // Other models: these must not hold the nodes against the rollout below.
+            "metadata": {"name": ModelDeployment::name_for(model, node), "labels": {"peat.dev/model": model, "peat.dev/node": node, "peat.dev/version": "1.0.0"}},
+            "spec": {"nodeName": node, "model": model, "version": "1.0.0", "variant": "int8-cpu",
+                     "artifact": format!("{repo}@sha256:{}", "0".repeat(64)), "insecure": true}
+        }))
+        .unwrap()
+    };
+    let floor_ns = support::ctx(&format!("bench-floor-{n}")).await;
+    let floor_api: Api<ModelDeployment> = Api::namespaced(client.clone(), &floor_ns.ns);
+    let t = Instant::now();
+    for node in &nodes {
+        floor_api.create(&PostParams::default(), &floor_object(node, "floor-seq")).await.expect("direct create");
+    }
+    let floor = t.elapsed();
+    let t = Instant::now();
+    futures::stream::iter(nodes.iter().map(|node| {
+        let api = floor_api.clone();
+        let obj = floor_object(node, "floor-par");
+        async move { api.create(&PostParams::default(), &obj).await.expect("direct create") }
+    }))
+    .buffer_unordered(16)
+    .collect::<Vec<_>>()
+    .await;
+    let floor_parallel = t.elapsed();
+
+    let system = support::ctx(&format!("bench-system-{n}")).await;
+    let controller = support::start_controller(&format!("bench-controller-{n}"), &system.ns, &[]).await;
+    controller.wait_leading(Duration::from_secs(60)).await;
+    let writes_before = write_requests(&client).await;
+
+    // Count ModelDeployments as they appear, from a watch (no polling of big lists).
+    let md_api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ctx.ns);
+    let (all_created_tx, all_created_rx) = tokio::sync::oneshot::channel::<Instant>();
+    let watch = {
+        let md_api = md_api.clone();
+        tokio::spawn(async move {
+            let mut seen = std::collections::HashSet::new();
+            let mut tx = Some(all_created_tx);
+            let mut s = std::pin::pin!(watcher::watcher(md_api, watcher::Config::default()).applied_objects());
+            while let Some(Ok(md)) = s.next().await {
+                seen.insert(md.metadata.name.clone().unwrap_or_default());
+                if seen.len() == n
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(Instant::now());
+                }
+            }
+        })
+    };
+    let rollouts: Api<ModelRollout> = Api::namespaced(client.clone(), &ctx.ns);
+    let rollout = json!({"apiVersion": "peat.dev/v1alpha1", "kind": "ModelRollout", "metadata": {"name": "scale"},
+        "spec": {"model": "m", "version": "1.0.0", "source": {"repository": repo, "insecure": true},
+                 "scope": {"nodeSelector": {"matchLabels": {"bench": prefix}}}, "strategy": {"maxParallel": "100%"}}});
+    let applied = Instant::now();
+    rollouts.patch("scale", &PatchParams::apply("bench").force(), &Patch::Apply(&rollout)).await.unwrap();
+    let all_created = tokio::time::timeout(Duration::from_secs(600), all_created_rx)
+        .await
+        .expect("all deployments within 10 min")
+        .unwrap();
+    let create_time = all_created - applied;
+    watch.abort();
+
+    // Simulated agents: every node reports Operational.
+    let names: Vec<String> =
+        md_api.list(&Default::default()).await.unwrap().items.into_iter().filter_map(|m| m.metadata.name).collect();
+    futures::stream::iter(names.iter().map(|name| {
+        let client = client.clone();
+        let ns = ctx.ns.clone();
+        async move { support::report(&client, &ns, name, DeploymentPhase::Operational, Some("1.0.0"), 1000).await }
+    }))
+    .buffer_unordered(CONCURRENCY)
+    .collect::<Vec<_>>()
+    .await;
+    let last_report = Instant::now();
+    let converged_at = {
+        let s = watcher::watcher(rollouts.clone(), watcher::Config::default().fields("metadata.name=scale"))
+            .applied_objects();
+        let mut s = std::pin::pin!(s);
+        let wait = async {
+            while let Some(r) = s.try_next().await.expect("rollout watch") {
+                let converged = r.status.as_ref().is_some_and(|st| {
+                    st.conditions.iter().any(|c| c.type_ == "Converged" && c.status == "True")
+                        && st.converged as usize == n
+                });
+                if converged {
+                    return Instant::now();
+                }
+            }
+            panic!("watch ended")
+        };
+        tokio::time::timeout(Duration::from_secs(600), wait).await.expect("Converged within 10 min")
+    };
+    let lag = converged_at.saturating_duration_since(last_report);
+    let writes_after = write_requests(&client).await;
+    let delta: BTreeMap<String, f64> = writes_after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - writes_before.get(k).copied().unwrap_or(0.0)))
+        .filter(|(_, v)| *v > 0.0)
+        .collect();
+    // Only the controller's writes: the agents' status reports are the simulation's, not the controller's.
+    let controller_writes = controller.metric("peat_controller_deployment_writes_total").await.unwrap_or(0.0)
+        + controller.metric("peat_controller_status_writes_total").await.unwrap_or(0.0);
+    let rss = peak_rss_mib(controller.process.pid());
+
+    println!(
+        "  all {n} ModelDeployments exist after {:.2} s; floor: direct creates one by one {:.2} s (ratio {:.2}), 16 in flight {:.2} s (ratio {:.2})",
+        create_time.as_secs_f64(),
+        floor.as_secs_f64(),
+        create_time.as_secs_f64() / floor.as_secs_f64(),
+        floor_parallel.as_secs_f64(),
+        create_time.as_secs_f64() / floor_parallel.as_secs_f64()
+    );
+    println!(
+        "  API write requests per node: {:.2} by the controller ({controller_writes:.0} writes); all peat.dev writes in the window: {delta:?}",
+        controller_writes / n as f64
+    );
+    println!("  controller peak RSS: {rss:.1} MiB");
+    println!("  lag from the last agent report to Converged: {:.2} s", lag.as_secs_f64());
+    drop(controller);
+    bench_start.elapsed()
+}
+
+#[tokio::main]
+async fn main() {
+    let sizes: Vec<usize> = match std::env::var("PEAT_BENCH_NODES") {
+        Ok(v) => v.split(',').filter_map(|s| s.trim().parse().ok()).collect(),
+        Err(_) => vec![1000, 5000],
+    };
+    for (i, n) in sizes.iter().enumerate() {
+        println!("controller_scale: {n} nodes");
+        let took = run(*n).await;
+        println!("  (this size took {:.0} s in all)", took.as_secs_f64());
+        // 5000 only when 1000 finished in reasonable time: a slow machine prints the 1000 figures and stops.
+        if i == 0 && sizes.len() > 1 && took > Duration::from_secs(240) {
+            println!("controller_scale: skipping larger sizes ({:.0} s for {n} nodes)", took.as_secs_f64());
+            break;
+        }
+    }
+}
