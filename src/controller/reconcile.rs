@@ -147,9 +147,12 @@ async fn effective_target(
         };
         return Ok((t, None));
     }
+    // Pinned: the digest resolved for this version, or, when going back to a version this rollout
+    // converged on before (GitOps rollback), the digest in its history: the same bytes as then.
     let pinned = (status.resolved_version.as_deref() == Some(spec.version.as_str()))
         .then_some(status.resolved_digest.as_deref())
-        .flatten();
+        .flatten()
+        .or_else(|| status.history.iter().rev().find(|h| h.version == spec.version).map(|h| h.digest.as_str()));
     let resolved = ctx.resolver.resolve(&ctx.client, r, &spec.version, pinned).await?;
     let note = pinned
         .is_none()
