@@ -100,6 +100,10 @@ build_helm() {
   mv "$dir/helm" "$out"
 }
 
+# One build at a time per cache (parallel test binaries, make env beside make test).
+exec 9>"$CACHE/.lock"
+flock 9
+
 what="${1:-all}"
 case "$what" in
   all) ensure_registry; build_etcd; build_kube; build_helm ;;
