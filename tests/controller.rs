@@ -294,8 +294,13 @@ async fn failure_threshold_aborts_and_rolls_back_to_the_previous_version() {
     report(&s.ctx.client, &s.ctx.ns, &names[1], DeploymentPhase::Failed, Some("1.0.0"), 100).await;
     report(&s.ctx.client, &s.ctx.ns, &names[2], DeploymentPhase::Failed, Some("1.0.0"), 100).await;
 
-    let r = s.rollout("r", "abort recorded", |r| status(r).aborted_version.as_deref() == Some("2.0.0")).await;
-    assert_eq!(condition(&r, "Degraded").map(|c| c.0), Some("True".into()));
+    // The abort is recorded first, then acted on: Degraded follows.
+    let r = s
+        .rollout("r", "abort recorded and Degraded", |r| {
+            status(r).aborted_version.as_deref() == Some("2.0.0")
+                && condition(r, "Degraded").map(|c| c.0) == Some("True".into())
+        })
+        .await;
     // The updated nodes return to 1.0.0, by the digest pinned in history.
     let mds = support::eventually("every deployment back on 1.0.0", T, || async {
         let mds = s.deployments("m").await;

@@ -236,7 +236,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             .reflect(model_node_writer);
         reflectors.spawn(forward_changes(
             s,
-            model_node_facts_hash,
+            model_node_fingerprint(opts.heartbeat_timeout),
             move |mn: &ModelNode| {
                 let node = mn.name_any();
                 store
@@ -337,15 +337,32 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     result
 }
 
-/// Hash of what planning reads from a ModelNode, heartbeat excluded.
-fn model_node_facts_hash(mn: &ModelNode) -> Option<u64> {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    let s = mn.status.clone().unwrap_or_default();
-    (s.arch, s.gpus, s.gpu_memory_bytes, s.providers, s.storage_free_bytes / (64 << 20)).hash(&mut h);
-    // A node coming back from silence must re-trigger: include whether it has a heartbeat at all.
-    s.last_heartbeat.is_some().hash(&mut h);
-    Some(h.finish())
+/// Fingerprint of what planning reads from a ModelNode. Heartbeats alone do not change it, except
+/// the first heartbeat after a silence longer than the timeout: a node back from a partition must
+/// be re-planned at once (its going silent is caught by the reconciler's recheck timer).
+fn model_node_fingerprint(timeout: Duration) -> impl Fn(&ModelNode) -> Option<u64> {
+    let revivals: Mutex<HashMap<String, (Option<Timestamp>, u64)>> = Mutex::new(HashMap::new());
+    move |mn: &ModelNode| {
+        use std::hash::{Hash, Hasher};
+        let s = mn.status.clone().unwrap_or_default();
+        let hb = s.last_heartbeat.as_ref().map(|t| t.0);
+        let mut seen = revivals.lock().expect("fingerprint lock");
+        let entry = seen.entry(mn.name_any()).or_insert((None, 0));
+        let silent_before = match (entry.0, hb) {
+            (Some(prev), Some(now)) => now.as_millisecond() - prev.as_millisecond() > timeout.as_millis() as i64,
+            (None, Some(_)) => true,
+            _ => false,
+        };
+        if silent_before {
+            entry.1 += 1;
+        }
+        if hb.is_some() {
+            entry.0 = hb;
+        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (s.arch, s.gpus, s.gpu_memory_bytes, s.providers, s.storage_free_bytes / (64 << 20), entry.1).hash(&mut h);
+        Some(h.finish())
+    }
 }
 
 /// Drives a reflector stream and broadcasts the rollouts each event concerns. When `fingerprint`
@@ -432,7 +449,14 @@ async fn run_with_leader_election(
             _ = async { while leader_rx.changed().await.is_ok() { if !*leader_rx.borrow() { break } } } => {
                 warn!(identity, "lost the lease: stopping the controller");
                 lost.cancel();
-                run.await;
+                // Reconciles in flight get a moment to finish, never past the time a successor may start.
+                let grace = Duration::from_secs((duration / 3).max(1));
+                if tokio::time::timeout(grace, run).await.is_err() {
+                    warn!(identity, "reconciles still running after {grace:?}: dropped");
+                }
+                if leader_rx.has_changed().is_err() {
+                    anyhow::bail!("the lease manager stopped");
+                }
             }
         }
         ctx.metrics.leader.set(0);

@@ -231,18 +231,25 @@ async fn apply(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result<Action, Error>
     let (target, resolved_note) = match effective_target(&ctx, &r, aborted).await {
         Ok(t) => t,
         Err(e) => {
-            let status = rollout_status(&StatusInput {
-                rollout: &r,
-                target: None,
-                source_problem: Some(SourceProblem { reason: e.reason().into(), message: e.to_string() }),
-                invalid_spec: None,
-                convergence: None,
-                conflicts: &[],
-                aborted_version,
-                in_flight: 0,
-                rate: None,
-                now,
-            });
+            let problem = SourceProblem { reason: e.reason().into(), message: e.to_string() };
+            let status = match &r.status {
+                // Known before: keep counts, blockers and phase; only Ready says what is wrong.
+                Some(prev) if prev.total_nodes > 0 => {
+                    crate::plan::status::with_source_problem(prev, &problem, r.metadata.generation, now)
+                }
+                _ => rollout_status(&StatusInput {
+                    rollout: &r,
+                    target: None,
+                    source_problem: Some(problem),
+                    invalid_spec: None,
+                    convergence: None,
+                    conflicts: &[],
+                    aborted_version,
+                    in_flight: 0,
+                    rate: None,
+                    now,
+                }),
+            };
             write_status(&ctx, &r, &status).await?;
             if prev.conditions.iter().all(|c| c.reason != e.reason()) {
                 publish(&ctx, &r, EventType::Warning, e.reason(), e.to_string()).await;
@@ -254,6 +261,12 @@ async fn apply(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result<Action, Error>
         publish(&ctx, &r, EventType::Normal, "Resolved", note).await;
     }
     if newly_aborted {
+        // Record the abort before acting on it: once deployments move back, the failures that
+        // caused it are gone from the cache, and only status.abortedVersion remembers.
+        let api: Api<ModelRollout> = Api::namespaced(ctx.client.clone(), &ns);
+        let patch = json!({"status": {"abortedVersion": spec.version}});
+        api.patch_status(&r.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        ctx.metrics.status_writes.inc();
         let what = if target.rolling_back {
             format!("{failed} targets failed on {}: aborting, rolling back to {}", spec.version, target.version)
         } else {
@@ -261,6 +274,7 @@ async fn apply(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result<Action, Error>
         };
         warn!("{what}");
         publish(&ctx, &r, EventType::Warning, "Aborted", what).await;
+        return Ok(Action::requeue(Duration::from_millis(200)));
     }
 
     // Rivals: other rollouts of this model that also want some of our targets.
@@ -443,7 +457,17 @@ pub(crate) async fn sweep_orphans(ctx: &Context) {
         if live.contains(owner) {
             continue;
         }
-        let api: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), &md.namespace().unwrap_or_default());
+        // The caches are separate watches and may lag each other: ask the API server before deleting.
+        let ns = md.namespace().unwrap_or_default();
+        let owner_name =
+            md.owner_references().iter().find(|o| o.uid == owner).map(|o| o.name.clone()).unwrap_or_default();
+        let rollouts: Api<ModelRollout> = Api::namespaced(ctx.client.clone(), &ns);
+        match rollouts.get_opt(&owner_name).await {
+            Ok(None) => {}
+            Ok(Some(r)) if r.uid().as_deref() != Some(owner) => {}
+            _ => continue, // the owner lives (or we cannot tell): keep
+        }
+        let api: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), &ns);
         match api.delete(&md.name_any(), &DeleteParams::background()).await {
             Ok(_) => info!(deployment = %md.name_any(), "removed an orphaned ModelDeployment"),
             Err(kube::Error::Api(s)) if s.code == 404 => {}

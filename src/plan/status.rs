@@ -82,6 +82,23 @@ pub fn conflict_message(model: &str, conflicts: &[(String, String)]) -> String {
     format!("{} node(s) held for model {model} by {shown}{more}", conflicts.len())
 }
 
+/// The previous status with only the Ready condition changed: a registry outage must not erase
+/// what is known of the targets.
+pub fn with_source_problem(
+    prev: &ModelRolloutStatus,
+    problem: &SourceProblem,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> ModelRolloutStatus {
+    let mut s = prev.clone();
+    s.estimated_completion_seconds = None;
+    let ready =
+        condition(&prev.conditions, condition::READY, false, &problem.reason, problem.message.clone(), generation, now);
+    s.conditions.retain(|c| c.type_ != condition::READY);
+    s.conditions.insert(0, ready);
+    s
+}
+
 /// Computes the rollout's next status.
 pub fn rollout_status(input: &StatusInput<'_>) -> ModelRolloutStatus {
     let r = input.rollout;

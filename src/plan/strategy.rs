@@ -230,9 +230,11 @@ pub fn plan_deployments(input: &PlanInput<'_>) -> Plan {
         let mut view = TargetView { node: node.clone(), planned_blocker: None, expected_bytes: 0 };
         let existing = mine.get(node.as_str()).copied();
 
-        // Another rollout of this model holds the node, or wins it.
+        // A node held by one rollout stays with it (never taken away mid-transfer); a free node
+        // another rollout of this model also wants goes to the winning claim.
         let winner = input.contested.get(node).and_then(winning_claim);
-        if let Some(w) = winner.filter(|w| w.uid != my_uid) {
+        let free = existing.is_none() && !foreign.contains_key(node.as_str());
+        if let Some(w) = winner.filter(|w| w.uid != my_uid && free) {
             view.planned_blocker = Some(PlannedBlocker {
                 reason: BlockerReason::NodeBusy,
                 message: format!(
@@ -241,9 +243,6 @@ pub fn plan_deployments(input: &PlanInput<'_>) -> Plan {
                 ),
             });
             plan.conflicts.push((node.clone(), w.key.clone()));
-            if let Some(md) = existing {
-                plan.delete.push(md.metadata.name.clone().unwrap_or_default());
-            }
             views.insert(node.clone(), view);
             continue;
         }
@@ -282,12 +281,13 @@ pub fn plan_deployments(input: &PlanInput<'_>) -> Plan {
             }
             None => None, // never sent a heartbeat field: judged by its presence alone
         };
-        if let Some(age) = stale {
+        if stale.is_some() {
+            // No age in the message: it would change the status on every reconcile.
+            let last = caps.last_heartbeat.as_ref().map(|t| t.0.to_string()).unwrap_or_default();
             view.planned_blocker = Some(PlannedBlocker {
                 reason: BlockerReason::NetworkPartition,
                 message: format!(
-                    "no heartbeat from the node's agent for {}s (limit {}s)",
-                    age.as_secs(),
+                    "no heartbeat from the node's agent since {last} (limit {}s)",
                     input.heartbeat_timeout.as_secs()
                 ),
             });
@@ -306,6 +306,14 @@ pub fn plan_deployments(input: &PlanInput<'_>) -> Plan {
             continue;
         }
 
+        // Still transferring another version (an upgrade or rollback overtook it): it holds a slot,
+        // and may switch to the target within it.
+        let transferring_other = existing
+            .and_then(|md| md.status.as_ref())
+            .is_some_and(|s| matches!(s.phase, DeploymentPhase::Downloading | DeploymentPhase::Loading));
+        if transferring_other {
+            plan.in_flight += 1;
+        }
         match select_variant(spec.variant.as_ref(), &target.variants, caps) {
             Err(b) => {
                 view.planned_blocker.get_or_insert(PlannedBlocker { reason: b.reason, message: b.message });
@@ -320,6 +328,8 @@ pub fn plan_deployments(input: &PlanInput<'_>) -> Plan {
                     if let Some(md) = existing {
                         plan.apply.push(refreshed(&md.spec, spec));
                     }
+                } else if transferring_other {
+                    plan.apply.push(desired);
                 } else {
                     let held_locally = existing.and_then(|md| md.status.as_ref()).is_some_and(|s| {
                         s.active_version.as_deref() == Some(&target.version)
@@ -696,7 +706,7 @@ mod tests {
     }
 
     #[test]
-    fn a_lost_node_is_released_and_a_won_node_waits_for_the_holder_to_release_it() {
+    fn a_held_node_stays_with_its_holder_whatever_the_rivals_priority() {
         let mut c = Case::new(2, None);
         let mine = claim("ml/vision", "uid-vision", Priority::Normal, 100);
         let urgent = claim("hotfix/vision", "uid-hot", Priority::Critical, 200);
@@ -706,9 +716,29 @@ mod tests {
             owned("uid-other", "n1", "1.0.0", "sha256:cpu1", None),
         ];
         let plan = c.plan();
-        assert_eq!(plan.delete, ["vision.n0"], "n0 goes to the Critical rollout");
-        assert!(plan.apply.is_empty(), "n1 is still held by the other rollout's deployment");
-        assert!(plan.targets.iter().all(|t| t.planned_blocker.as_ref().unwrap().reason == BlockerReason::NodeBusy));
+        assert!(plan.delete.is_empty(), "n0 is ours and stays ours");
+        assert_eq!(nodes_of(&plan, "2.0.0"), ["n0"]);
+        assert_eq!(
+            plan.targets[1].planned_blocker.as_ref().unwrap().reason,
+            BlockerReason::NodeBusy,
+            "n1 is held by another"
+        );
+    }
+
+    #[test]
+    fn transfers_of_an_older_version_hold_slots_too() {
+        let mut c = Case::new(3, Some(IntOrString::Int(1)));
+        c.deployments = vec![
+            owned("uid-vision", "n0", "1.0.0", "sha256:cpu1", status(DeploymentPhase::Operational, Some("1.0.0"))),
+            owned("uid-vision", "n1", "1.5.0", "sha256:cpu15", status(DeploymentPhase::Downloading, Some("1.0.0"))),
+        ];
+        let plan = c.plan();
+        assert_eq!(
+            nodes_of(&plan, "2.0.0"),
+            ["n1"],
+            "n1 switches to 2.0.0 within the slot it holds; nothing else starts"
+        );
+        assert_eq!(plan.in_flight, 1);
     }
 
     #[test]
