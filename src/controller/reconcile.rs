@@ -224,6 +224,25 @@ async fn apply(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result<Action, Error>
     // resolve (with the abort decision, which can switch the target to the rollback version)
     let deployments: Vec<ModelDeployment> =
         ctx.deployments.state().iter().filter(|md| md.spec.model == spec.model).map(|md| (**md).clone()).collect();
+    // `capable.minStorage` admits nodes; the model then uses that storage. A node that holds this
+    // rollout's deployment stays a target when storage is all it now lacks, or it would flap out
+    // and back in with every install.
+    let targets = match spec.scope.capable.as_ref().filter(|c| c.min_storage.is_some()) {
+        Some(capable) => {
+            let mut relaxed_scope = spec.scope.clone();
+            relaxed_scope.capable = Some(crate::api::CapableScope { min_storage: None, ..capable.clone() });
+            let relaxed = select_targets(&relaxed_scope, &fact_list).unwrap_or_default();
+            let holding: BTreeSet<&str> = deployments
+                .iter()
+                .filter(|md| controller_uid(md) == Some(uid.as_str()))
+                .map(|md| md.spec.node_name.as_str())
+                .collect();
+            let mut t: BTreeSet<String> = targets.into_iter().collect();
+            t.extend(relaxed.into_iter().filter(|n| holding.contains(n.as_str())));
+            t.into_iter().collect()
+        }
+        None => targets,
+    };
     let failed = failed_on(&spec.version, &uid, &deployments);
     let newly_aborted = prev_aborted.is_none() && threshold_crossed(spec, failed, targets.len());
     let aborted_version = if newly_aborted { Some(spec.version.clone()) } else { prev_aborted.clone() };
@@ -258,6 +277,11 @@ async fn apply(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result<Action, Error>
         }
     };
     if let Some(note) = resolved_note {
+        // Pin at once: should anything below fail, the retry must not read the tag again.
+        let api: Api<ModelRollout> = Api::namespaced(ctx.client.clone(), &ns);
+        let patch = json!({"status": {"resolvedVersion": target.version, "resolvedDigest": target.digest}});
+        api.patch_status(&r.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        ctx.metrics.status_writes.inc();
         publish(&ctx, &r, EventType::Normal, "Resolved", note).await;
     }
     if newly_aborted {
