@@ -118,9 +118,19 @@ pub async fn push_variant_bytes(
         artifact_type: Some(ARTIFACT_TYPE.into()),
     };
     // Read-modify-write of the index: add the variant or replace the entry of the same name.
-    let mut index = match client.pull_manifest(&r, auth).await {
-        Ok((OciManifest::ImageIndex(index), _)) => index,
-        Ok((OciManifest::Image(_), _)) | Err(_) => OciImageIndex {
+    // Only a missing tag (or a lone manifest there) starts a new index: any other error must not
+    // replace an existing index, with its other variants, by one holding this variant alone.
+    let existing = match client.pull_manifest(&r, auth).await {
+        Ok((OciManifest::ImageIndex(index), _)) => Some(index),
+        Ok((OciManifest::Image(_), _)) => None,
+        Err(e) => match OciError::from_client(&tag_ref, e) {
+            OciError::NotFound(_) => None,
+            other => return Err(other),
+        },
+    };
+    let mut index = match existing {
+        Some(index) => index,
+        None => OciImageIndex {
             schema_version: 2,
             media_type: Some(OCI_IMAGE_INDEX_MEDIA_TYPE.into()),
             manifests: Vec::new(),

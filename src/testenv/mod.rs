@@ -292,43 +292,43 @@ impl TestEnv {
         p.try_exit_status().map(|s| format!("it exited ({s})"))
     }
 
-    /// Polls a plain-HTTP endpoint until it answers 200 with `expect` in the body; fails fast when the process exits.
-    async fn wait_http(&mut self, name: &str, addr: &str, path: &str, expect: &str) -> Result<(), TestEnvError> {
+    /// Polls `probe` until it says ready; fails fast when the process exits, and after READY_TIMEOUT.
+    async fn wait_ready<F, Fut>(&mut self, name: &str, what: &str, mut probe: F) -> Result<(), TestEnvError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if let Some(why) = self.exited(name) {
                 return Err(self.not_ready(name, why));
             }
-            if let Ok((200, body)) = http_get(addr, path).await
-                && body.contains(expect)
-            {
+            if probe().await {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(self.not_ready(name, format!("no 200 from http://{addr}{path} within {READY_TIMEOUT:?}")));
+                return Err(self.not_ready(name, format!("{what} not ready within {READY_TIMEOUT:?}")));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
+    /// Waits until a plain-HTTP endpoint answers 200 with `expect` in the body.
+    async fn wait_http(&mut self, name: &str, addr: &str, path: &str, expect: &str) -> Result<(), TestEnvError> {
+        let url = format!("http://{addr}{path}");
+        self.wait_ready(name, &url, || async {
+            matches!(http_get(addr, path).await, Ok((200, body)) if body.contains(expect))
+        })
+        .await
+    }
+
     async fn wait_apiserver(&mut self) -> Result<(), TestEnvError> {
         let client = self.client().await?;
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Some(why) = self.exited("kube-apiserver") {
-                return Err(self.not_ready("kube-apiserver", why));
-            }
+        self.wait_ready("kube-apiserver", "/readyz", || async {
             let req = http::Request::get("/readyz").body(Vec::new()).expect("static request");
-            if let Ok(body) = client.request_text(req).await
-                && body.trim() == "ok"
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(self.not_ready("kube-apiserver", format!("/readyz not ok within {READY_TIMEOUT:?}")));
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+            client.request_text(req).await.is_ok_and(|body| body.trim() == "ok")
+        })
+        .await
     }
 
     /// An admin client.
@@ -435,8 +435,8 @@ pub fn stop_detached(dir: &Path) -> Vec<String> {
     stopped
 }
 
-/// A minimal HTTP/1.0 GET for plain-HTTP readiness checks (etcd, the registry).
-async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+/// A minimal HTTP/1.0 GET for plain-HTTP readiness checks (etcd, the registry, admin endpoints).
+pub async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await??;
     stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;

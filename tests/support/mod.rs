@@ -194,14 +194,7 @@ pub async fn start_controller(name: &str, lease_namespace: &str, extra: &[&str])
 impl ControllerProc {
     /// GET on the admin server.
     pub async fn get(&self, path: &str) -> Option<(u16, String)> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(&self.metrics_addr).await.ok()?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.ok()?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.ok()?;
-        let text = String::from_utf8_lossy(&buf).to_string();
-        let code = text.split_whitespace().nth(1)?.parse().ok()?;
-        Some((code, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+        peat::testenv::http_get(&self.metrics_addr, path).await.ok()
     }
 
     /// A metric's value (first sample whose line starts with `name`).
@@ -384,37 +377,25 @@ pub async fn push_two_variants(repository: &str, version: &str) -> (String, Stri
     use peat::oci::push::{VariantMeta, push_variant_bytes};
     let access = peat::oci::RegistryAccess { insecure: true, ..Default::default() };
     let client = access.client();
-    let cuda = push_variant_bytes(
-        &client,
-        &access.auth,
-        repository,
-        version,
-        &VariantMeta {
-            name: "fp16-cuda".into(),
-            precision: Some("float16".into()),
-            providers: vec!["cuda".into()],
-            min_gpu_memory: 4 << 30,
+    let mut digests = Vec::new();
+    for (name, precision, provider, min_gpu_memory, extra) in
+        [("fp16-cuda", "float16", "cuda", 4u64 << 30, true), ("int8-cpu", "int8", "cpu", 0, false)]
+    {
+        let meta = VariantMeta {
+            name: name.into(),
+            precision: Some(precision.into()),
+            providers: vec![provider.into()],
+            min_gpu_memory,
             arch: None,
-        },
-        &[("model.onnx", format!("cuda weights {version}").into_bytes()), ("config.json", b"{}".to_vec())],
-    )
-    .await
-    .expect("pushing fp16-cuda");
-    let cpu = push_variant_bytes(
-        &client,
-        &access.auth,
-        repository,
-        version,
-        &VariantMeta {
-            name: "int8-cpu".into(),
-            precision: Some("int8".into()),
-            providers: vec!["cpu".into()],
-            min_gpu_memory: 0,
-            arch: None,
-        },
-        &[("model.onnx", format!("cpu weights {version}").into_bytes())],
-    )
-    .await
-    .expect("pushing int8-cpu");
-    (cuda, cpu)
+        };
+        let mut files = vec![("model.onnx", format!("{provider} weights {version}").into_bytes())];
+        if extra {
+            files.push(("config.json", b"{}".to_vec()));
+        }
+        let digest = push_variant_bytes(&client, &access.auth, repository, version, &meta, &files)
+            .await
+            .unwrap_or_else(|e| panic!("pushing {name}: {e}"));
+        digests.push(digest);
+    }
+    (digests[0].clone(), digests[1].clone())
 }
