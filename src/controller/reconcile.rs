@@ -99,7 +99,11 @@ pub fn error_policy(rollout: Arc<ModelRollout>, error: &Error, ctx: Arc<Context>
     let mut failures = ctx.failures.lock().expect("failures lock");
     let n = failures.entry(uid).or_insert(0);
     *n = n.saturating_add(1);
-    let delay = Duration::from_secs(5).saturating_mul(1 << (*n - 1).min(6)).min(Duration::from_secs(300));
+    // A registry problem is cheap to probe (one manifest GET) and a push can fix it any moment:
+    // retry it at least every 30 s. Unrelated triggers also count as failed attempts, so without
+    // this cap a missing tag could back off for minutes after it was pushed.
+    let cap = if matches!(error, Error::Source(_)) { Duration::from_secs(30) } else { Duration::from_secs(300) };
+    let delay = Duration::from_secs(5).saturating_mul(1 << (*n - 1).min(6)).min(cap);
     warn!(rollout = %key(&rollout), error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
