@@ -9,6 +9,7 @@ set -euo pipefail
 K8S_VERSION="${PEAT_K8S_VERSION:-v1.37.2}"
 ETCD_VERSION="${PEAT_ETCD_VERSION:-v3.6.16}"
 HELM_VERSION="${PEAT_HELM_VERSION:-v3.21.4}"
+ORAS_VERSION="${PEAT_ORAS_VERSION:-v1.3.6}"
 CACHE="${PEAT_TESTENV_CACHE:-$HOME/.cache/peat-testenv}"
 BIN="$CACHE/bin"
 mkdir -p "$BIN" "$CACHE/build"
@@ -100,18 +101,30 @@ build_helm() {
   mv "$dir/helm" "$out"
 }
 
+# oras: the ORAS compatibility test pushes with it, the pull benchmark compares against it.
+build_oras() {
+  local out="$BIN/oras-$ORAS_VERSION"
+  [ -x "$out" ] && return
+  say "building oras $ORAS_VERSION from the Go module proxy"
+  local dir="$CACHE/build/oras-$ORAS_VERSION"
+  rm -rf "$dir"; mkdir -p "$dir"
+  run_with_progress "oras" env GOBIN="$dir" CGO_ENABLED=0 go install -trimpath "oras.land/oras/cmd/oras@$ORAS_VERSION"
+  mv "$dir/oras" "$out"
+}
+
 # One build at a time per cache (parallel test binaries, make env beside make test).
 exec 9>"$CACHE/.lock"
 flock 9
 
 what="${1:-all}"
 case "$what" in
-  all) ensure_registry; build_etcd; build_kube; build_helm ;;
+  all) ensure_registry; build_etcd; build_kube; build_helm; build_oras ;;
   registry) ensure_registry ;;
   etcd) build_etcd ;;
   kube) build_kube ;;
   helm) build_helm ;;
-  *) echo "usage: $0 [all|registry|etcd|kube|helm]" >&2; exit 2 ;;
+  oras) build_oras ;;
+  *) echo "usage: $0 [all|registry|etcd|kube|helm|oras]" >&2; exit 2 ;;
 esac
 cat <<PATHS
 ETCD=$BIN/etcd-$ETCD_VERSION
@@ -119,5 +132,6 @@ KUBE_APISERVER=$BIN/kube-$K8S_VERSION/kube-apiserver
 KUBE_CONTROLLER_MANAGER=$BIN/kube-$K8S_VERSION/kube-controller-manager
 KUBECTL=$BIN/kube-$K8S_VERSION/kubectl
 HELM=$BIN/helm-$HELM_VERSION
+ORAS=$BIN/oras-$ORAS_VERSION
 REGISTRY=$(command -v docker-registry || echo /usr/bin/docker-registry)
 PATHS

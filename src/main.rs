@@ -18,12 +18,18 @@ enum Command {
     Crds,
     /// Run the controller: reconcile ModelRollouts into per-node ModelDeployments.
     Controller(peat::controller::Options),
+    /// Run the node agent: pull, verify and activate this node's models; report and heartbeat.
+    Agent(peat::agent::Options),
+    /// Publish a model directory as a variant of a model version in an OCI registry.
+    Push(peat::cli::push::PushArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Controller(opts) => runtime().and_then(|rt| rt.block_on(peat::controller::run(opts))),
+        Command::Agent(opts) => runtime().and_then(|rt| rt.block_on(peat::agent::run(opts))),
+        Command::Push(args) => runtime().and_then(|rt| rt.block_on(peat::cli::push::run(args))),
         Command::Crds => peat::api::crds_yaml()
             .map_err(anyhow::Error::from)
             .and_then(|yaml| std::io::stdout().write_all(yaml.as_bytes()).map_err(Into::into)),

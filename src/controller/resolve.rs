@@ -7,12 +7,10 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use k8s_openapi::api::core::v1::Secret;
-use kube::Api;
 use oci_client::secrets::RegistryAuth;
 
 use crate::api::ModelRollout;
-use crate::oci::client::{OciError, RegistryAccess, auth_from_docker_config, parse_reference};
+use crate::oci::client::{OciError, RegistryAccess, auth_from_secret, parse_reference};
 use crate::oci::{Resolved, resolve};
 
 /// Why a source could not be resolved.
@@ -70,15 +68,10 @@ impl Resolver {
     ) -> Result<RegistryAuth, ResolveError> {
         let Some(name) = rollout.spec.source.pull_secret.as_deref() else { return Ok(RegistryAuth::Anonymous) };
         let ns = rollout.metadata.namespace.as_deref().unwrap_or("default");
-        let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-        let err = |message: String| ResolveError::PullSecret { name: name.to_string(), message };
-        let secret = secrets.get(name).await.map_err(|e| err(e.to_string()))?;
-        let data = secret.data.unwrap_or_default();
-        let raw = data
-            .get(".dockerconfigjson")
-            .or_else(|| data.get(".dockercfg"))
-            .ok_or_else(|| err("has no .dockerconfigjson key".into()))?;
-        Ok(auth_from_docker_config(&raw.0, registry)?)
+        auth_from_secret(client, ns, name, registry).await.map_err(|e| match e {
+            OciError::BadCredentials(message) => ResolveError::PullSecret { name: name.to_string(), message },
+            other => ResolveError::Registry(other),
+        })
     }
 
     /// Reads `<repository>@<digest>` (cached) or `<repository>:<version>`.

@@ -105,6 +105,18 @@ pub fn variants_from_index(index: &OciImageIndex) -> Result<Vec<VariantInfo>, La
     Ok(out)
 }
 
+/// The relative path a layer's file takes in the model directory: `org.opencontainers.image.title`
+/// (peat, ORAS), else a CNCF ModelPack `…model.filepath` annotation. Chunk indexes have none.
+pub fn layer_title(layer: &oci_client::manifest::OciDescriptor) -> Option<&str> {
+    if layer.media_type == MEDIA_CHUNK_INDEX {
+        return None;
+    }
+    let ann = layer.annotations.as_ref()?;
+    ann.get(ANN_TITLE)
+        .or_else(|| ann.iter().find(|(k, _)| k.ends_with(".model.filepath")).map(|(_, v)| v))
+        .map(String::as_str)
+}
+
 /// A plain manifest (an ORAS or ModelPack artifact without an index) as the one variant of its version.
 pub fn variant_from_manifest(manifest: &OciImageManifest, digest: &str) -> VariantInfo {
     let ann = manifest.annotations.clone().unwrap_or_default();

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use futures::StreamExt;
 use oci_client::manifest::{
     ImageIndexEntry, OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageIndex, OciImageManifest,
     OciManifest, Platform,
@@ -29,6 +30,8 @@ pub struct VariantMeta {
     pub min_gpu_memory: u64,
     /// `platform.architecture` (GOARCH), for arch-specific variants.
     pub arch: Option<String>,
+    /// `platform.os` when `arch` is set (default `linux`).
+    pub os: Option<String>,
 }
 
 /// `sha256:<hex>` of some bytes.
@@ -36,9 +39,21 @@ pub fn sha256_digest(data: &[u8]) -> String {
     format!("sha256:{:x}", Sha256::digest(data))
 }
 
+/// One file of a variant, already in the registry.
+fn file_layer(path: &str, digest: String, size: u64) -> OciDescriptor {
+    OciDescriptor {
+        media_type: MEDIA_MODEL_FILE.into(),
+        digest,
+        size: size as i64,
+        urls: None,
+        annotations: Some(BTreeMap::from([(ANN_TITLE.to_string(), path.to_string())])),
+        artifact_type: None,
+    }
+}
+
 /// Pushes in-memory files as a variant of `<repository>:<version>` and adds it to (or replaces it in)
 /// the version's index. Returns the variant manifest's digest. For small artifacts (tests, the demo);
-/// `peat push` streams files from disk.
+/// [`push_dir`] streams files from disk.
 pub async fn push_variant_bytes(
     client: &oci_client::Client,
     auth: &RegistryAuth,
@@ -50,20 +65,167 @@ pub async fn push_variant_bytes(
     let tag_ref = format!("{repository}:{version}");
     let r = parse_reference(&tag_ref)?;
     client.store_auth_if_needed(r.resolve_registry(), auth).await;
-    let err = |e| OciError::from_client(&tag_ref, e);
     let mut layers = Vec::new();
     for (path, data) in files {
         let digest = sha256_digest(data);
-        client.push_blob(&r, data.clone(), &digest).await.map_err(err)?;
-        layers.push(OciDescriptor {
-            media_type: MEDIA_MODEL_FILE.into(),
-            digest,
-            size: data.len() as i64,
-            urls: None,
-            annotations: Some(BTreeMap::from([(ANN_TITLE.to_string(), path.to_string())])),
-            artifact_type: None,
-        });
+        client.push_blob(&r, data.clone(), &digest).await.map_err(|e| OciError::from_client(&tag_ref, e))?;
+        layers.push(file_layer(path, digest, data.len() as u64));
     }
+    push_variant_manifest(client, auth, repository, version, meta, layers).await
+}
+
+/// Errors of [`push_dir`] (besides the registry's).
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    /// Reading the model directory failed, or it holds something that cannot be pushed.
+    #[error("{path}: {message}")]
+    Local {
+        /// The file or directory.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The registry refused or failed.
+    #[error(transparent)]
+    Registry(#[from] OciError),
+}
+
+/// A regular file of a model directory: its path relative to the directory (with `/`), and size.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelFile {
+    /// Relative path, the layer's title.
+    pub title: String,
+    /// Absolute path on disk.
+    pub path: std::path::PathBuf,
+    /// Bytes.
+    pub size: u64,
+}
+
+/// Lists the regular files under `dir`, sorted by title. Symbolic links and special files are
+/// refused: a title must name bytes that are in the artifact, and the agent refuses links anyway.
+pub fn model_files(dir: &std::path::Path) -> Result<Vec<ModelFile>, PushError> {
+    let local =
+        |path: &std::path::Path, message: String| PushError::Local { path: path.display().to_string(), message };
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries = std::fs::read_dir(&d).map_err(|e| local(&d, e.to_string()))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| local(&d, e.to_string()))?;
+            let path = entry.path();
+            let meta = std::fs::symlink_metadata(&path).map_err(|e| local(&path, e.to_string()))?;
+            if meta.is_dir() {
+                stack.push(path);
+            } else if meta.is_file() {
+                let rel = path.strip_prefix(dir).expect("walked from dir");
+                let title = rel
+                    .components()
+                    .map(|c| c.as_os_str().to_str().map(str::to_string))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| local(&path, "the file name is not UTF-8".into()))?
+                    .join("/");
+                out.push(ModelFile { title, path, size: meta.len() });
+            } else {
+                return Err(local(
+                    &path,
+                    "is a symbolic link or special file; only regular files can be pushed".into(),
+                ));
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(local(dir, "holds no files".into()));
+    }
+    out.sort_by(|a, b| a.title.cmp(&b.title));
+    Ok(out)
+}
+
+/// sha256 of a file, read in 1 MiB blocks (never whole), reporting progress.
+pub async fn sha256_file(path: &std::path::Path, on_bytes: &(dyn Fn(u64) + Sync)) -> std::io::Result<String> {
+    use tokio::io::AsyncReadExt;
+    let mut f = tokio::fs::File::open(path).await?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        on_bytes(n as u64);
+    }
+    Ok(format!("sha256:{:x}", hasher.finalize()))
+}
+
+/// Progress callbacks of [`push_dir`]: bytes hashed, then bytes uploaded (or skipped as already present).
+pub trait PushProgress: Send + Sync {
+    /// Bytes read for hashing.
+    fn hashed(&self, bytes: u64);
+    /// Bytes sent to the registry, or found there already.
+    fn uploaded(&self, bytes: u64);
+}
+
+/// No progress output.
+pub struct NoProgress;
+impl PushProgress for NoProgress {
+    fn hashed(&self, _: u64) {}
+    fn uploaded(&self, _: u64) {}
+}
+
+/// Pushes the files under `dir` as a variant of `<repository>:<version>`, streaming each file from
+/// disk (a multi-GB file is never held in memory); blobs the registry already has are not sent
+/// again. Returns the variant manifest's digest.
+pub async fn push_dir(
+    client: &oci_client::Client,
+    auth: &RegistryAuth,
+    repository: &str,
+    version: &str,
+    meta: &VariantMeta,
+    dir: &std::path::Path,
+    progress: std::sync::Arc<dyn PushProgress>,
+) -> Result<String, PushError> {
+    let files = model_files(dir)?;
+    let tag_ref = format!("{repository}:{version}");
+    let r = parse_reference(&tag_ref)?;
+    client.store_auth_if_needed(r.resolve_registry(), auth).await;
+    let oci = |e| PushError::Registry(OciError::from_client(&tag_ref, e));
+    let mut layers = Vec::new();
+    for f in &files {
+        let local = |e: std::io::Error| PushError::Local { path: f.path.display().to_string(), message: e.to_string() };
+        let p = progress.clone();
+        let digest = sha256_file(&f.path, &move |n| p.hashed(n)).await.map_err(local)?;
+        if client.blob_exists(&r, &digest).await.map_err(oci)? {
+            progress.uploaded(f.size);
+        } else {
+            let file = tokio::fs::File::open(&f.path).await.map_err(local)?;
+            let p = progress.clone();
+            let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).map(move |chunk| {
+                let chunk = chunk?;
+                p.uploaded(chunk.len() as u64);
+                Ok(chunk)
+            });
+            client.push_blob_stream(&r, stream, &digest, Some(f.size)).await.map_err(oci)?;
+        }
+        layers.push(file_layer(&f.title, digest, f.size));
+    }
+    Ok(push_variant_manifest(client, auth, repository, version, meta, layers).await?)
+}
+
+/// Writes a variant manifest over `layers` (already pushed) and adds it to, or replaces it in, the
+/// image index `<repository>:<version>`. Returns the manifest's digest.
+pub async fn push_variant_manifest(
+    client: &oci_client::Client,
+    auth: &RegistryAuth,
+    repository: &str,
+    version: &str,
+    meta: &VariantMeta,
+    layers: Vec<OciDescriptor>,
+) -> Result<String, OciError> {
+    let tag_ref = format!("{repository}:{version}");
+    let r = parse_reference(&tag_ref)?;
+    client.store_auth_if_needed(r.resolve_registry(), auth).await;
+    let err = |e| OciError::from_client(&tag_ref, e);
+    let size: u64 = layers.iter().filter(|l| l.media_type != MEDIA_CHUNK_INDEX).map(|l| l.size.max(0) as u64).sum();
     let config_digest = sha256_digest(EMPTY_CONFIG);
     client.push_blob(&r, EMPTY_CONFIG.to_vec(), &config_digest).await.map_err(err)?;
     let manifest = OciImageManifest {
@@ -90,7 +252,6 @@ pub async fn push_variant_bytes(
         .await
         .map_err(err)?;
 
-    let size: u64 = files.iter().map(|(_, d)| d.len() as u64).sum();
     let mut ann = BTreeMap::from([
         (ANN_VARIANT.to_string(), meta.name.clone()),
         (ANN_SIZE.to_string(), size.to_string()),
@@ -108,7 +269,7 @@ pub async fn push_variant_bytes(
         size: manifest_bytes.len() as i64,
         platform: meta.arch.as_ref().map(|a| Platform {
             architecture: a.as_str().into(),
-            os: "linux".into(),
+            os: meta.os.clone().unwrap_or_else(|| "linux".into()).as_str().into(),
             os_version: None,
             os_features: None,
             variant: None,

@@ -82,6 +82,8 @@ pub struct Binaries {
     pub kubectl: PathBuf,
     /// helm.
     pub helm: PathBuf,
+    /// oras (ORAS compatibility test, pull benchmark).
+    pub oras: PathBuf,
     /// Debian's docker-registry.
     pub registry: PathBuf,
 }
@@ -116,6 +118,7 @@ impl Binaries {
             kube_controller_manager: get("KUBE_CONTROLLER_MANAGER")?,
             kubectl: get("KUBECTL")?,
             helm: get("HELM")?,
+            oras: get("ORAS")?,
             registry: get("REGISTRY")?,
         })
     }
@@ -246,16 +249,7 @@ impl TestEnv {
         let registry_port = free_port()?;
         env.registry = format!("127.0.0.1:{registry_port}");
         let registry_config = dir.join("registry.yml");
-        std::fs::create_dir_all(&env.registry_storage).map_err(io("creating the registry's storage"))?;
-        std::fs::write(
-            &registry_config,
-            format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {}\n  secret: peat-testenv\n",
-                env.registry_storage.display(),
-                env.registry
-            ),
-        )
-        .map_err(io("writing the registry's config"))?;
+        write_registry_config(&registry_config, &env.registry_storage, &env.registry)?;
         env.spawn(
             "registry",
             &env.binaries.registry.clone(),
@@ -433,6 +427,107 @@ pub fn stop_detached(dir: &Path) -> Vec<String> {
     }
     let _ = std::fs::remove_dir_all(dir);
     stopped
+}
+
+fn write_registry_config(path: &Path, storage: &Path, addr: &str) -> Result<(), TestEnvError> {
+    std::fs::create_dir_all(storage).map_err(io("creating the registry's storage"))?;
+    // The access log (one line per request with the bytes sent) lets tests count bytes on the wire.
+    std::fs::write(
+        path,
+        format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {addr}\n  secret: peat-testenv\n",
+            storage.display(),
+        ),
+    )
+    .map_err(io("writing the registry's config"))
+}
+
+/// A registry of its own (for tests that stop it or tamper with its storage): same binary and
+/// config as the environment's, on a free port that survives a restart.
+pub struct Registry {
+    /// `127.0.0.1:<port>`.
+    pub addr: String,
+    /// Its storage directory.
+    pub storage: PathBuf,
+    /// Its log, with the access log lines.
+    pub log: PathBuf,
+    config: PathBuf,
+    binary: PathBuf,
+    process: Option<ManagedProcess>,
+}
+
+impl Registry {
+    /// Starts a registry with its state under `dir`, tied to this process.
+    pub async fn start(binary: &Path, dir: &Path) -> Result<Registry, TestEnvError> {
+        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let mut r = Registry {
+            storage: dir.join("storage"),
+            log: dir.join("registry.log"),
+            config: dir.join("registry.yml"),
+            binary: binary.to_path_buf(),
+            addr,
+            process: None,
+        };
+        write_registry_config(&r.config, &r.storage, &r.addr)?;
+        r.restart().await?;
+        Ok(r)
+    }
+
+    /// Stops it (SIGKILL: an outage, not a shutdown).
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts it again on the same port and storage; waits until it serves.
+    pub async fn restart(&mut self) -> Result<(), TestEnvError> {
+        self.stop();
+        let p = ManagedProcess::spawn(
+            "registry",
+            &self.binary,
+            &["serve".into(), self.config.display().to_string()],
+            &self.log,
+            Lifetime::TiedToThisProcess,
+        )
+        .map_err(io("starting the registry"))?;
+        self.process = Some(p);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Ok((200, _)) = http_get(&self.addr, "/v2/").await {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(TestEnvError::NotReady {
+                    name: "registry".into(),
+                    why: format!("no answer on {} within {READY_TIMEOUT:?}", self.addr),
+                    log: self.log.display().to_string(),
+                    tail: std::fs::read_to_string(&self.log).unwrap_or_default(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Bytes of blob content it has sent so far (GETs of `/blobs/`, from its access log).
+    pub fn blob_bytes_served(&self) -> u64 {
+        blob_bytes_in_access_log(&std::fs::read_to_string(&self.log).unwrap_or_default())
+    }
+}
+
+/// Sums the response sizes of blob GETs in a registry access log (combined log format).
+pub fn blob_bytes_in_access_log(log: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:"))
+        .filter_map(|l| {
+            let after = l.split("HTTP/1.1\" ").nth(1)?;
+            let mut parts = after.split_whitespace();
+            let status: u16 = parts.next()?.parse().ok()?;
+            let bytes: u64 = parts.next()?.parse().ok()?;
+            matches!(status, 200 | 206).then_some(bytes)
+        })
+        .sum()
 }
 
 /// A minimal HTTP/1.0 GET for plain-HTTP readiness checks (etcd, the registry, admin endpoints).

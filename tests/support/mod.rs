@@ -387,6 +387,7 @@ pub async fn push_two_variants(repository: &str, version: &str) -> (String, Stri
             providers: vec![provider.into()],
             min_gpu_memory,
             arch: None,
+            os: None,
         };
         let mut files = vec![("model.onnx", format!("{provider} weights {version}").into_bytes())];
         if extra {
@@ -398,4 +399,186 @@ pub async fn push_two_variants(repository: &str, version: &str) -> (String, Stri
         digests.push(digest);
     }
     (digests[0].clone(), digests[1].clone())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real agents.
+
+/// A `peat agent` process of this test run.
+pub struct AgentProc {
+    pub process: ManagedProcess,
+    pub node: String,
+    pub store: PathBuf,
+    pub log: PathBuf,
+    args: Vec<String>,
+}
+
+/// Creates a Node object (no kubelet) with labels; its agent publishes the ModelNode.
+pub async fn create_node(client: &Client, name: &str, labels: &[(&str, &str)]) {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let labels: serde_json::Map<String, serde_json::Value> =
+        labels.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect();
+    let node = serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}});
+    nodes.patch(name, &PatchParams::apply("peat-test").force(), &Patch::Apply(&node)).await.expect("creating a Node");
+}
+
+/// Starts `peat agent` for `node` with its store in `store` (fast heartbeats and progress for tests).
+pub fn start_agent(node: &str, store: &Path, extra: &[&str]) -> AgentProc {
+    let env = env();
+    let log = env.dir.join("logs").join(format!("agent-{node}.log"));
+    let mut args: Vec<String> = [
+        "agent",
+        "--node-name",
+        node,
+        "--store",
+        &store.display().to_string(),
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--heartbeat-interval",
+        "2s",
+        "--progress-interval",
+        "300ms",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    AgentProc { process: spawn_agent(node, &args, &log), node: node.into(), store: store.to_path_buf(), log, args }
+}
+
+fn spawn_agent(node: &str, args: &[String], log: &Path) -> ManagedProcess {
+    let envs = vec![
+        ("KUBECONFIG".to_string(), env().kubeconfig.display().to_string()),
+        ("RUST_LOG".to_string(), "info,peat=debug".to_string()),
+    ];
+    ManagedProcess::spawn_with_env(
+        &format!("agent-{node}"),
+        Path::new(env!("CARGO_BIN_EXE_peat")),
+        args,
+        &envs,
+        log,
+        Lifetime::TiedToThisProcess,
+    )
+    .expect("starting peat agent")
+}
+
+impl AgentProc {
+    /// SIGKILL, as a power cut would.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    /// Starts it again (after [`AgentProc::kill`]) with the same arguments.
+    pub fn restart(&mut self) {
+        self.process.kill();
+        self.process = spawn_agent(&self.node, &self.args, &self.log);
+    }
+
+    /// The end of its log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+/// Deterministic incompressible bytes.
+pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Pushes in-memory files as one variant of `repository:version`.
+pub async fn push_files(
+    repository: &str,
+    version: &str,
+    meta: peat::oci::push::VariantMeta,
+    files: &[(&str, Vec<u8>)],
+) -> String {
+    let access = peat::oci::RegistryAccess { insecure: true, ..Default::default() };
+    peat::oci::push::push_variant_bytes(&access.client(), &access.auth, repository, version, &meta, files)
+        .await
+        .unwrap_or_else(|e| panic!("pushing {repository}:{version}: {e}"))
+}
+
+/// A TCP proxy in front of a registry that counts the bytes it delivers to clients (bytes on the
+/// wire as a node's link would carry them) and can pace them like a slow link.
+pub struct CountingProxy {
+    pub addr: String,
+    delivered: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    rate: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingProxy {
+    /// Listens on a free port and forwards every connection to `upstream`.
+    pub async fn start(upstream: &str) -> CountingProxy {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let delivered = std::sync::Arc::new(AtomicU64::new(0));
+        let rate = std::sync::Arc::new(AtomicU64::new(0));
+        let (d, r, upstream) = (delivered.clone(), rate.clone(), upstream.to_string());
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (d, r, upstream) = (d.clone(), r.clone(), upstream.clone());
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let up = async move {
+                        let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                    };
+                    let down = async move {
+                        let mut buf = vec![0u8; 64 << 10];
+                        loop {
+                            let n = match sr.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            let rate = r.load(Ordering::Relaxed);
+                            if rate > 0 {
+                                tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate as f64)).await;
+                            }
+                            if cw.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                            d.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                    };
+                    // Either direction ending ends the connection.
+                    tokio::select! {
+                        _ = up => {},
+                        _ = down => {},
+                    }
+                });
+            }
+        });
+        CountingProxy { addr, delivered, rate, task }
+    }
+
+    /// Bytes delivered to clients so far (headers included).
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Paces deliveries to `bytes_per_second` (0: as fast as possible).
+    pub fn set_rate(&self, bytes_per_second: u64) {
+        self.rate.store(bytes_per_second, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

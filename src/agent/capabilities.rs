@@ -1,0 +1,104 @@
+//! What the node can run: architecture, GPUs (NVML when present), execution providers, storage.
+
+use std::path::Path;
+
+/// Flags that replace detected values (tests give each agent process a different node this way).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Overrides {
+    /// Architecture to report instead of the detected one (GOARCH names: amd64, arm64 …).
+    #[arg(long = "arch")]
+    pub arch: Option<String>,
+    /// Number of GPUs to report instead of NVML's count.
+    #[arg(long = "gpus")]
+    pub gpus: Option<i32>,
+    /// GPU memory to report (per GPU, the largest), e.g. `8Gi`, instead of NVML's.
+    #[arg(long = "gpu-memory", value_parser = parse_quantity)]
+    pub gpu_memory: Option<u64>,
+    /// Execution providers to report instead of the derived ones (`cpu`, plus `cuda` with a GPU).
+    #[arg(long = "providers", value_delimiter = ',')]
+    pub providers: Option<Vec<String>>,
+}
+
+fn parse_quantity(s: &str) -> Result<u64, String> {
+    crate::api::quantity::parse_bytes(s).map_err(|e| e.to_string())
+}
+
+/// The node's capabilities as published in its ModelNode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// GOARCH-style architecture.
+    pub arch: String,
+    /// GPUs.
+    pub gpus: i32,
+    /// Memory of the largest GPU, bytes.
+    pub gpu_memory_bytes: i64,
+    /// Execution providers.
+    pub providers: Vec<String>,
+}
+
+/// GPU count and largest memory from NVML; none when the library or a GPU is absent (not an error).
+fn nvml_gpus() -> Option<(i32, i64)> {
+    let nvml = nvml_wrapper::Nvml::init().ok()?;
+    let count = nvml.device_count().ok()?;
+    let mut largest = 0i64;
+    for i in 0..count {
+        if let Ok(mem) = nvml.device_by_index(i).and_then(|d| d.memory_info()) {
+            largest = largest.max(mem.total as i64);
+        }
+    }
+    Some((count as i32, largest))
+}
+
+/// Detects the node's capabilities, with `overrides` taking precedence.
+pub fn detect(overrides: &Overrides) -> Capabilities {
+    let arch = overrides.arch.clone().unwrap_or_else(|| crate::plan::scope::normalize_arch(std::env::consts::ARCH));
+    let gpu = if overrides.gpus.is_some() && overrides.gpu_memory.is_some() { None } else { nvml_gpus() };
+    let gpus = overrides.gpus.or(gpu.map(|g| g.0)).unwrap_or(0);
+    let gpu_memory_bytes = overrides.gpu_memory.map(|m| m as i64).or(gpu.map(|g| g.1)).unwrap_or(0);
+    let providers = overrides.providers.clone().unwrap_or_else(|| {
+        let mut p = vec!["cpu".to_string()];
+        if gpus > 0 {
+            p.push("cuda".into());
+        }
+        p
+    });
+    Capabilities { arch, gpus, gpu_memory_bytes, providers }
+}
+
+/// Free (for unprivileged writers) and total bytes of the filesystem holding `path`.
+pub fn storage(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path holds a NUL"))?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a valid out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let frsize = st.f_frsize as u64;
+    Ok((st.f_bavail as u64 * frsize, st.f_blocks as u64 * frsize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_win_and_providers_follow_gpus() {
+        let o = Overrides { arch: Some("arm64".into()), gpus: Some(1), gpu_memory: Some(8 << 30), providers: None };
+        let c = detect(&o);
+        assert_eq!((c.arch.as_str(), c.gpus, c.gpu_memory_bytes), ("arm64", 1, 8 << 30));
+        assert_eq!(c.providers, vec!["cpu".to_string(), "cuda".to_string()]);
+        let c = detect(&Overrides { gpus: Some(0), gpu_memory: Some(0), ..Default::default() });
+        assert_eq!(c.providers, vec!["cpu".to_string()]);
+        assert!(!c.arch.is_empty() && c.arch != "x86_64");
+    }
+
+    #[test]
+    fn storage_of_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let (free, total) = storage(dir.path()).unwrap();
+        assert!(total > 0 && free <= total);
+        assert!(storage(Path::new("/no/such/dir")).is_err());
+    }
+}

@@ -1,0 +1,499 @@
+//! Fetching a variant: its manifest by digest, then each file layer streamed to `tmp/`, verified,
+//! and moved into `blobs/`. Partial downloads resume with HTTP Range; layers already in the store
+//! are not fetched; nothing unverified ever leaves `tmp/`.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use oci_client::Reference;
+use oci_client::client::BlobResponse;
+use oci_client::manifest::{IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageManifest};
+use oci_client::secrets::RegistryAuth;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use super::store::{FileRecord, Store, digest_hex, validate_title};
+use crate::api::BlockerReason;
+use crate::oci::OciError;
+use crate::oci::client::parse_reference;
+use crate::oci::layout::layer_title;
+
+/// Why a pull did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    /// The registry refused, failed or could not be reached.
+    #[error(transparent)]
+    Registry(#[from] OciError),
+    /// The artifact breaks the layout contract or a safety rule.
+    #[error("invalid artifact {artifact}: {why}")]
+    BadArtifact {
+        /// The reference.
+        artifact: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A layer's bytes do not hash to its digest (they were discarded).
+    #[error("{title}: digest mismatch (expected {expected}, got {actual}); the bytes were discarded")]
+    DigestMismatch {
+        /// The file.
+        title: String,
+        /// The descriptor's digest.
+        expected: String,
+        /// What the bytes hash to.
+        actual: String,
+    },
+    /// The registry sent more bytes than the layer's descriptor declares.
+    #[error("{title}: the registry sent more than the {declared} bytes the descriptor declares")]
+    Oversize {
+        /// The file.
+        title: String,
+        /// Declared size.
+        declared: u64,
+    },
+    /// The artifact is larger than `maxSizeBytes`.
+    #[error("the artifact is {size} bytes, more than maxSizeBytes {max}")]
+    TooLarge {
+        /// Its size.
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The store's filesystem lacks the space.
+    #[error("needs {needed} more bytes in the store, {free} free")]
+    InsufficientStorage {
+        /// Bytes still to write.
+        needed: u64,
+        /// Free bytes.
+        free: u64,
+    },
+    /// A local file operation failed.
+    #[error("store: {0}")]
+    Io(#[from] std::io::Error),
+    /// The transfer was stopped (paused, preempted, or no longer wanted); its partial stays.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+fn is_enospc(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOSPC) || e.kind() == std::io::ErrorKind::StorageFull
+}
+
+impl PullError {
+    /// The blocker reason to report.
+    pub fn reason(&self) -> BlockerReason {
+        match self {
+            PullError::InsufficientStorage { .. } => BlockerReason::InsufficientStorage,
+            PullError::Io(e) if is_enospc(e) => BlockerReason::InsufficientStorage,
+            PullError::Io(_) => BlockerReason::DeploymentFailed,
+            _ => BlockerReason::TransferFailed,
+        }
+    }
+
+    /// When to try again after the `attempt`-th failure in a row; none for failures that only a
+    /// change of the artifact can fix (a bad digest, a bad title, too large).
+    pub fn retry_after(&self, attempt: u32) -> Option<Duration> {
+        let backoff = Duration::from_secs((1u64 << attempt.min(6)).min(60));
+        match self {
+            PullError::Registry(e) if e.is_transient() => Some(backoff),
+            PullError::InsufficientStorage { .. } => Some(Duration::from_secs(60)),
+            PullError::Io(e) if is_enospc(e) => Some(Duration::from_secs(60)),
+            PullError::Io(_) => Some(backoff),
+            PullError::Cancelled => Some(Duration::ZERO),
+            _ => None,
+        }
+    }
+}
+
+/// One file of a variant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileLayer {
+    /// Relative path (validated).
+    pub title: String,
+    /// Layer digest.
+    pub digest: String,
+    /// Declared size.
+    pub size: u64,
+}
+
+/// What a pull of one variant manifest fetches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PullPlan {
+    /// `<repository>@<manifest digest>`.
+    pub artifact: String,
+    /// The manifest digest.
+    pub manifest_digest: String,
+    /// Its files.
+    pub files: Vec<FileLayer>,
+}
+
+impl PullPlan {
+    /// Sum of the files' sizes.
+    pub fn total(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+
+    /// The files as the store records them.
+    pub fn records(&self) -> Vec<FileRecord> {
+        self.files
+            .iter()
+            .map(|f| FileRecord { title: f.title.clone(), digest: f.digest.clone(), size: f.size })
+            .collect()
+    }
+
+    /// Layer digests.
+    pub fn digests(&self) -> HashSet<String> {
+        self.files.iter().map(|f| f.digest.clone()).collect()
+    }
+}
+
+/// Checks a manifest's file layers against the safety rules and `max_size`.
+pub fn plan_from_manifest(
+    artifact: &str,
+    manifest_digest: &str,
+    manifest: &OciImageManifest,
+    max_size: Option<u64>,
+) -> Result<PullPlan, PullError> {
+    let bad = |why: String| PullError::BadArtifact { artifact: artifact.to_string(), why };
+    let mut files = Vec::new();
+    let mut seen = HashSet::new();
+    for layer in &manifest.layers {
+        let Some(title) = layer_title(layer) else { continue };
+        let path = validate_title(title).map_err(|e| bad(format!("layer {}: {e}", layer.digest)))?;
+        let title = path.to_str().expect("validated titles are UTF-8").to_string();
+        digest_hex(&layer.digest).map_err(|e| bad(e.to_string()))?;
+        if layer.size < 0 {
+            return Err(bad(format!("layer {title} declares a negative size")));
+        }
+        // "a" and "a/b" cannot both be files; neither can a title appear twice.
+        if !seen.insert(title.clone()) {
+            return Err(bad(format!("two layers are titled {title:?}")));
+        }
+        files.push(FileLayer { title, digest: layer.digest.clone(), size: layer.size as u64 });
+    }
+    for f in &files {
+        if files.iter().any(|g| g.title.starts_with(&format!("{}/", f.title))) {
+            return Err(bad(format!("{:?} is both a file and a directory", f.title)));
+        }
+    }
+    if files.is_empty() {
+        return Err(bad("no layer carries a file title (org.opencontainers.image.title)".into()));
+    }
+    let plan = PullPlan { artifact: artifact.to_string(), manifest_digest: manifest_digest.to_string(), files };
+    if let Some(max) = max_size
+        && plan.total() > max
+    {
+        return Err(PullError::TooLarge { size: plan.total(), max });
+    }
+    Ok(plan)
+}
+
+/// Where to pull from.
+#[derive(Clone)]
+pub struct Source {
+    /// A client for the registry (keeps its tokens).
+    pub client: oci_client::Client,
+    /// Credentials.
+    pub auth: RegistryAuth,
+}
+
+/// Reads the variant manifest `artifact` (`<repository>@sha256:…`), checking its digest.
+pub async fn fetch_plan(source: &Source, artifact: &str, max_size: Option<u64>) -> Result<PullPlan, PullError> {
+    let r = parse_reference(artifact)?;
+    let Some(expected) = r.digest().map(str::to_string) else {
+        return Err(PullError::BadArtifact { artifact: artifact.into(), why: "not referenced by digest".into() });
+    };
+    let (raw, _) = source
+        .client
+        .pull_manifest_raw(&r, &source.auth, &[OCI_IMAGE_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE])
+        .await
+        .map_err(|e| OciError::from_client(artifact, e))?;
+    let actual = crate::oci::push::sha256_digest(&raw);
+    if actual != expected {
+        return Err(PullError::DigestMismatch { title: "manifest".into(), expected, actual });
+    }
+    let manifest: OciImageManifest = serde_json::from_slice(&raw).map_err(|e| PullError::BadArtifact {
+        artifact: artifact.into(),
+        why: format!("not an image manifest: {e}"),
+    })?;
+    plan_from_manifest(artifact, &expected, &manifest, max_size)
+}
+
+/// Bytes moved by a pull, read by the status reporter while it runs.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Bytes received from the registry (this pull, plus partials fetched before a restart).
+    pub fetched: AtomicU64,
+    /// Bytes taken from the store instead of the wire.
+    pub reused: AtomicU64,
+    /// Bytes of the plan.
+    pub total: AtomicU64,
+}
+
+/// Paces downloads to a byte rate shared by every transfer of the agent.
+#[derive(Debug)]
+pub struct RateLimiter {
+    bytes_per_second: f64,
+    next: tokio::sync::Mutex<Instant>,
+}
+
+impl RateLimiter {
+    /// A limiter for `bytes_per_second`.
+    pub fn new(bytes_per_second: u64) -> RateLimiter {
+        RateLimiter { bytes_per_second: bytes_per_second.max(1) as f64, next: tokio::sync::Mutex::new(Instant::now()) }
+    }
+
+    async fn acquire(&self, bytes: usize) {
+        let start = {
+            let mut next = self.next.lock().await;
+            let start = (*next).max(Instant::now());
+            *next = start + Duration::from_secs_f64(bytes as f64 / self.bytes_per_second);
+            start
+        };
+        tokio::time::sleep_until(start.into()).await;
+    }
+}
+
+/// What a transfer needs besides the plan.
+pub struct Transfer<'a> {
+    /// The store.
+    pub store: &'a Store,
+    /// Registry access.
+    pub source: &'a Source,
+    /// Progress counters.
+    pub progress: &'a Progress,
+    /// Stops the transfer (the partial stays for later).
+    pub cancel: &'a CancellationToken,
+    /// Optional bandwidth cap.
+    pub limiter: Option<&'a RateLimiter>,
+    /// Most bytes the store may occupy (`--storage-capacity`).
+    pub capacity: Option<u64>,
+}
+
+/// Fetches every file layer of `plan` not already in the store, verified, into `blobs/`.
+pub async fn fetch_layers(t: &Transfer<'_>, plan: &PullPlan) -> Result<(), PullError> {
+    let mut missing = Vec::new();
+    let mut seen = HashSet::new();
+    let mut reused = 0;
+    let mut fetched_before = 0;
+    for f in &plan.files {
+        if !seen.insert(f.digest.clone()) {
+            continue;
+        }
+        if t.store.has_blob(&f.digest, f.size) {
+            reused += f.size;
+        } else {
+            fetched_before += t.store.partial_len(&f.digest).min(f.size);
+            missing.push(f);
+        }
+    }
+    t.progress.total.store(plan.total(), Ordering::Relaxed);
+    t.progress.reused.store(reused, Ordering::Relaxed);
+    t.progress.fetched.store(fetched_before, Ordering::Relaxed);
+    let needed: u64 = missing.iter().map(|f| f.size).sum::<u64>() - fetched_before;
+    let (free, _) = t.store.space(t.capacity)?;
+    if needed > free {
+        discard_partials(t.store, plan);
+        return Err(PullError::InsufficientStorage { needed, free });
+    }
+    let r = parse_reference(&plan.artifact)?;
+    for f in missing {
+        match fetch_blob(t, &r, f).await {
+            Ok(()) => {}
+            Err(PullError::Io(e)) if is_enospc(&e) => {
+                discard_partials(t.store, plan);
+                let free = t.store.space(t.capacity).map(|s| s.0).unwrap_or(0);
+                return Err(PullError::InsufficientStorage { needed, free });
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Removes the plan's partial downloads (after running out of space: nothing half-written stays).
+pub fn discard_partials(store: &Store, plan: &PullPlan) {
+    for f in &plan.files {
+        if let Ok(p) = store.partial_path(&f.digest) {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Hashes the bytes already in a partial file.
+async fn hash_existing(path: &std::path::Path, len: u64, hasher: &mut Sha256) -> std::io::Result<()> {
+    let mut f = tokio::fs::File::open(path).await?.take(len);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        hasher.update(&buf[..n]);
+    }
+}
+
+async fn fetch_blob(t: &Transfer<'_>, r: &Reference, f: &FileLayer) -> Result<(), PullError> {
+    let partial = t.store.partial_path(&f.digest)?;
+    let mut offset = t.store.partial_len(&f.digest);
+    if offset > f.size {
+        offset = 0;
+    }
+    let mut hasher = Sha256::new();
+    if offset > 0 {
+        hash_existing(&partial, offset, &mut hasher).await?;
+    }
+    let file = tokio::fs::OpenOptions::new().create(true).write(true).truncate(false).open(&partial).await?;
+    file.set_len(offset).await?;
+    let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
+    out.seek_end().await?;
+    if offset < f.size {
+        let desc = OciDescriptor { digest: f.digest.clone(), size: f.size as i64, ..Default::default() };
+        let reference = format!("{}@{}", r.whole().split('@').next().unwrap_or_default(), f.digest);
+        let response = tokio::select! {
+            _ = t.cancel.cancelled() => return Err(PullError::Cancelled),
+            res = t.source.client.pull_blob_stream_partial(r, &desc, offset, None) => {
+                res.map_err(|e| OciError::from_client(&reference, e))?
+            }
+        };
+        let mut stream = match response {
+            BlobResponse::Partial(s) => s.stream,
+            BlobResponse::Full(s) => {
+                // The registry ignored the range: start over.
+                if offset > 0 {
+                    out.flush().await?;
+                    out.get_mut().set_len(0).await?;
+                    out.seek_end().await?;
+                    t.progress.fetched.fetch_sub(offset, Ordering::Relaxed);
+                    offset = 0;
+                    hasher = Sha256::new();
+                }
+                s.stream
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                _ = t.cancel.cancelled() => {
+                    out.flush().await?;
+                    return Err(PullError::Cancelled);
+                }
+                next = stream.next() => next,
+            };
+            let chunk = match next {
+                None => break,
+                Some(Ok(c)) => c,
+                Some(Err(e)) => {
+                    out.flush().await?;
+                    // oci-client verifies whole (200) responses itself and fails at their end.
+                    if offset == f.size {
+                        break;
+                    }
+                    return Err(OciError::Unreachable { reference, message: format!("reading the blob: {e}") }.into());
+                }
+            };
+            if offset + chunk.len() as u64 > f.size {
+                drop(out);
+                let _ = tokio::fs::remove_file(&partial).await;
+                return Err(PullError::Oversize { title: f.title.clone(), declared: f.size });
+            }
+            if let Some(l) = t.limiter {
+                l.acquire(chunk.len()).await;
+            }
+            out.write_all(&chunk).await?;
+            hasher.update(&chunk);
+            offset += chunk.len() as u64;
+            t.progress.fetched.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+        out.flush().await?;
+        if offset < f.size {
+            return Err(OciError::Unreachable {
+                reference,
+                message: format!("the blob ended after {offset} of {} bytes", f.size),
+            }
+            .into());
+        }
+    }
+    out.flush().await?;
+    out.get_ref().sync_data().await?;
+    drop(out);
+    let actual = format!("sha256:{:x}", hasher.finalize());
+    if actual != f.digest {
+        let _ = tokio::fs::remove_file(&partial).await;
+        return Err(PullError::DigestMismatch { title: f.title.clone(), expected: f.digest.clone(), actual });
+    }
+    t.store.commit_blob(&f.digest, &partial)?;
+    Ok(())
+}
+
+trait SeekEnd {
+    async fn seek_end(&mut self) -> std::io::Result<()>;
+}
+
+impl SeekEnd for tokio::io::BufWriter<tokio::fs::File> {
+    async fn seek_end(&mut self) -> std::io::Result<()> {
+        use tokio::io::AsyncSeekExt;
+        self.flush().await?;
+        self.get_mut().seek(std::io::SeekFrom::End(0)).await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::oci::layout::{ANN_TITLE, MEDIA_CHUNK_INDEX};
+
+    fn layer(title: Option<&str>, size: i64) -> OciDescriptor {
+        OciDescriptor {
+            media_type: "application/octet-stream".into(),
+            digest: format!("sha256:{}", "a".repeat(64)),
+            size,
+            annotations: title.map(|t| BTreeMap::from([(ANN_TITLE.to_string(), t.to_string())])),
+            ..Default::default()
+        }
+    }
+
+    fn manifest(layers: Vec<OciDescriptor>) -> OciImageManifest {
+        OciImageManifest { layers, ..Default::default() }
+    }
+
+    #[test]
+    fn plans_refuse_unsafe_or_oversized_artifacts() {
+        let ok = manifest(vec![layer(Some("model.onnx"), 10), layer(None, 5)]);
+        let plan = plan_from_manifest("r@d", "d", &ok, Some(10)).unwrap();
+        assert_eq!(plan.files.len(), 1);
+        assert!(matches!(plan_from_manifest("r@d", "d", &ok, Some(9)), Err(PullError::TooLarge { size: 10, max: 9 })));
+        for bad in [
+            manifest(vec![layer(Some("../etc/x"), 1)]),
+            manifest(vec![layer(Some("/abs"), 1)]),
+            manifest(vec![layer(Some("a"), 1), layer(Some("a"), 1)]),
+            manifest(vec![layer(Some("a"), 1), layer(Some("a/b"), 1)]),
+            manifest(vec![layer(Some("a"), -1)]),
+            manifest(vec![layer(None, 1)]),
+        ] {
+            let err = plan_from_manifest("r@d", "d", &bad, None).unwrap_err();
+            assert!(matches!(err, PullError::BadArtifact { .. }), "{err}");
+            assert_eq!(err.reason(), BlockerReason::TransferFailed);
+            assert_eq!(err.retry_after(1), None);
+        }
+        // Chunk indexes are not files, even with a title.
+        let mut idx = layer(Some("x"), 3);
+        idx.media_type = MEDIA_CHUNK_INDEX.into();
+        let plan = plan_from_manifest("r@d", "d", &manifest(vec![idx, layer(Some("y"), 1)]), None).unwrap();
+        assert_eq!(plan.files.iter().map(|f| f.title.as_str()).collect::<Vec<_>>(), vec!["y"]);
+    }
+
+    #[test]
+    fn errors_are_classified() {
+        let unreachable = PullError::Registry(OciError::Unreachable { reference: "r".into(), message: "m".into() });
+        assert_eq!(unreachable.retry_after(0), Some(Duration::from_secs(1)));
+        assert_eq!(unreachable.retry_after(20), Some(Duration::from_secs(60)));
+        let full = PullError::Io(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(full.reason(), BlockerReason::InsufficientStorage);
+        let mismatch = PullError::DigestMismatch { title: "t".into(), expected: "a".into(), actual: "b".into() };
+        assert_eq!((mismatch.reason(), mismatch.retry_after(0)), (BlockerReason::TransferFailed, None));
+    }
+}

@@ -1,0 +1,434 @@
+//! The node's model store on disk.
+//!
+//! ```text
+//! <root>/blobs/sha256/<hex>            verified layer contents (read-only; only complete, verified blobs)
+//! <root>/tmp/<hex>.partial             a download in progress (resumed with HTTP Range after a restart)
+//! <root>/models/<model>/<version>/…    the files of one version: hard links into blobs/
+//! <root>/models/<model>/current        symlink to <version>, switched atomically (rename over it)
+//! <root>/models/<model>/.peat-state.json  versions on disk, their manifest digests and files
+//! ```
+//! A version directory appears by one rename of a complete staging directory, so a version dir
+//! that exists is whole; `current` only ever points at such a directory.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io;
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// One file of a version on disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    /// Path relative to the version directory (the layer's title).
+    pub title: String,
+    /// Layer digest (`sha256:…`).
+    pub digest: String,
+    /// Bytes.
+    pub size: u64,
+}
+
+/// One version of a model on disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VersionRecord {
+    /// The version.
+    pub version: String,
+    /// Digest of the variant manifest the files came from.
+    pub digest: String,
+    /// Its files.
+    pub files: Vec<FileRecord>,
+    /// Last activation, seconds since the epoch (0 = never active): the most recent are kept.
+    #[serde(default)]
+    pub activated_at: i64,
+}
+
+/// What the store holds of one model.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelState {
+    /// Versions on disk.
+    pub versions: Vec<VersionRecord>,
+}
+
+impl ModelState {
+    /// The record of `version`, if on disk.
+    pub fn get(&self, version: &str) -> Option<&VersionRecord> {
+        self.versions.iter().find(|v| v.version == version)
+    }
+}
+
+/// Whether `s` can name a directory of the store: model ids and versions.
+pub fn is_safe_component(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && !s.starts_with('.')
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+'))
+}
+
+/// Checks a layer title: a relative path that stays inside the model directory.
+pub fn validate_title(title: &str) -> Result<PathBuf, String> {
+    if title.is_empty() {
+        return Err("an empty file name".into());
+    }
+    if title.contains('\0') || title.contains('\\') {
+        return Err(format!("{title:?} holds a NUL or backslash"));
+    }
+    let path = Path::new(title);
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(p) => out.push(p),
+            Component::CurDir if title.starts_with("./") => {}
+            _ => return Err(format!("{title:?} escapes the model directory (absolute path or '..')")),
+        }
+    }
+    if out.as_os_str().is_empty() || title.split('/').any(|p| p == "..") {
+        return Err(format!("{title:?} escapes the model directory"));
+    }
+    Ok(out)
+}
+
+/// `sha256:<64 hex>` → `<hex>`, refusing anything else (digests become file names).
+pub fn digest_hex(digest: &str) -> io::Result<&str> {
+    match digest.strip_prefix("sha256:") {
+        Some(hex) if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) => {
+            Ok(hex)
+        }
+        _ => Err(io::Error::new(io::ErrorKind::InvalidData, format!("{digest:?} is not a sha256 digest"))),
+    }
+}
+
+/// The store under one root directory.
+#[derive(Clone, Debug)]
+pub struct Store {
+    root: PathBuf,
+}
+
+fn now_seconds() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+impl Store {
+    /// Opens (creating) the store at `root`.
+    pub fn open(root: &Path) -> io::Result<Store> {
+        let root = std::path::absolute(root)?;
+        for d in ["blobs/sha256", "tmp", "models"] {
+            std::fs::create_dir_all(root.join(d))?;
+        }
+        Ok(Store { root })
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where a verified blob lives.
+    pub fn blob_path(&self, digest: &str) -> io::Result<PathBuf> {
+        Ok(self.root.join("blobs/sha256").join(digest_hex(digest)?))
+    }
+
+    /// Where a partial download of a blob lives.
+    pub fn partial_path(&self, digest: &str) -> io::Result<PathBuf> {
+        Ok(self.root.join("tmp").join(format!("{}.partial", digest_hex(digest)?)))
+    }
+
+    /// Whether a verified blob of this digest and size is in the store.
+    pub fn has_blob(&self, digest: &str, size: u64) -> bool {
+        self.blob_path(digest).ok().and_then(|p| std::fs::metadata(p).ok()).is_some_and(|m| m.len() == size)
+    }
+
+    /// Bytes of a partial download on disk.
+    pub fn partial_len(&self, digest: &str) -> u64 {
+        self.partial_path(digest).ok().and_then(|p| std::fs::metadata(p).ok()).map_or(0, |m| m.len())
+    }
+
+    /// Moves a verified download into `blobs/` (read-only: version dirs hard-link it).
+    pub fn commit_blob(&self, digest: &str, partial: &Path) -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(partial, std::fs::Permissions::from_mode(0o444))?;
+        std::fs::rename(partial, self.blob_path(digest)?)?;
+        Ok(())
+    }
+
+    fn model_dir(&self, model: &str) -> PathBuf {
+        self.root.join("models").join(model)
+    }
+
+    /// Directory of one version's files.
+    pub fn version_dir(&self, model: &str, version: &str) -> PathBuf {
+        self.model_dir(model).join(version)
+    }
+
+    fn state_path(&self, model: &str) -> PathBuf {
+        self.model_dir(model).join(".peat-state.json")
+    }
+
+    /// What the store holds of `model` (empty when nothing).
+    pub fn state(&self, model: &str) -> ModelState {
+        std::fs::read(self.state_path(model)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    }
+
+    fn save_state(&self, model: &str, state: &ModelState) -> io::Result<()> {
+        let path = self.state_path(model);
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(state).expect("state serializes"))?;
+        std::fs::rename(tmp, path)
+    }
+
+    /// The active version of `model` (the target of `current`).
+    pub fn current(&self, model: &str) -> Option<String> {
+        let target = std::fs::read_link(self.model_dir(model).join("current")).ok()?;
+        target.file_name()?.to_str().map(str::to_string)
+    }
+
+    /// Models with a directory in the store.
+    pub fn models(&self) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(self.root.join("models"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
+    /// Builds `models/<model>/<version>/` from verified blobs (hard links; a copy across
+    /// filesystems) in a staging directory, then renames it into place. A version directory
+    /// holding other content (another digest) is replaced without `current` ever dangling.
+    pub fn materialize(&self, model: &str, record: &VersionRecord) -> io::Result<()> {
+        let model_dir = self.model_dir(model);
+        std::fs::create_dir_all(&model_dir)?;
+        let staging = model_dir.join(format!(".staging-{}", record.version));
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging)?;
+        }
+        std::fs::create_dir(&staging)?;
+        for f in &record.files {
+            let rel = validate_title(&f.title).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            let dest = staging.join(&rel);
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let blob = self.blob_path(&f.digest)?;
+            if std::fs::hard_link(&blob, &dest).is_err() {
+                std::fs::copy(&blob, &dest)?;
+            }
+        }
+        let final_dir = self.version_dir(model, &record.version);
+        let mut state = self.state(model);
+        if final_dir.exists() {
+            // Same version name, other bytes: move `current` to the staging dir first if it points here.
+            let was_current = self.current(model).as_deref() == Some(record.version.as_str());
+            if was_current {
+                self.point_current(model, staging.file_name().expect("named").to_str().expect("utf-8"))?;
+            }
+            let trash = model_dir.join(format!(".trash-{}", record.version));
+            let _ = std::fs::remove_dir_all(&trash);
+            std::fs::rename(&final_dir, &trash)?;
+            std::fs::rename(&staging, &final_dir)?;
+            if was_current {
+                self.point_current(model, &record.version)?;
+            }
+            std::fs::remove_dir_all(&trash)?;
+        } else {
+            std::fs::rename(&staging, &final_dir)?;
+        }
+        state.versions.retain(|v| v.version != record.version);
+        state.versions.push(record.clone());
+        self.save_state(model, &state)
+    }
+
+    fn point_current(&self, model: &str, target: &str) -> io::Result<()> {
+        let dir = self.model_dir(model);
+        let tmp = dir.join(".current.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(target, &tmp)?;
+        std::fs::rename(&tmp, dir.join("current"))
+    }
+
+    /// Makes `version` (already materialized) the active one: one atomic rename of the symlink.
+    pub fn activate(&self, model: &str, version: &str) -> io::Result<()> {
+        let mut state = self.state(model);
+        // Strictly increasing per model, even for activations within one second.
+        let latest = state.versions.iter().map(|v| v.activated_at).max().unwrap_or(0);
+        let Some(rec) = state.versions.iter_mut().find(|v| v.version == version) else {
+            return Err(io::Error::new(io::ErrorKind::NotFound, format!("{model} {version} is not in the store")));
+        };
+        if !self.version_dir(model, version).is_dir() {
+            return Err(io::Error::new(io::ErrorKind::NotFound, format!("{model} {version}: directory missing")));
+        }
+        rec.activated_at = now_seconds().max(latest + 1);
+        self.point_current(model, version)?;
+        self.save_state(model, &state)
+    }
+
+    /// Keeps the active version and the `keep` most recently active others of `model`; removes the rest.
+    /// Returns the versions removed.
+    pub fn prune(&self, model: &str, keep: usize) -> io::Result<Vec<String>> {
+        let mut state = self.state(model);
+        let current = self.current(model);
+        let mut others: Vec<&VersionRecord> =
+            state.versions.iter().filter(|v| Some(&v.version) != current.as_ref()).collect();
+        others.sort_by_key(|v| std::cmp::Reverse(v.activated_at));
+        let drop: Vec<String> = others.iter().skip(keep).map(|v| v.version.clone()).collect();
+        if drop.is_empty() {
+            return Ok(drop);
+        }
+        for v in &drop {
+            let dir = self.version_dir(model, v);
+            if dir.exists() {
+                std::fs::remove_dir_all(dir)?;
+            }
+        }
+        state.versions.retain(|v| !drop.contains(&v.version));
+        self.save_state(model, &state)?;
+        Ok(drop)
+    }
+
+    /// Removes everything of `model`: its versions and `current`.
+    pub fn remove_model(&self, model: &str) -> io::Result<()> {
+        let dir = self.model_dir(model);
+        // The symlink first: nothing may find a half-removed version through it.
+        let _ = std::fs::remove_file(dir.join("current"));
+        match std::fs::remove_dir_all(dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every blob digest some version on disk uses.
+    pub fn referenced_blobs(&self) -> HashSet<String> {
+        self.models()
+            .iter()
+            .flat_map(|m| self.state(m).versions)
+            .flat_map(|v| v.files.into_iter().map(|f| f.digest))
+            .collect()
+    }
+
+    /// Removes blobs no version uses and that `keep` does not name (digests of transfers under
+    /// way), and partial downloads `keep` does not name. Returns the bytes freed.
+    pub fn collect_garbage(&self, keep: &HashSet<String>) -> io::Result<u64> {
+        let mut wanted = self.referenced_blobs();
+        wanted.extend(keep.iter().cloned());
+        let wanted_hex: HashSet<&str> = wanted.iter().filter_map(|d| digest_hex(d).ok()).collect();
+        let mut freed = 0;
+        for (dir, suffix) in [(self.root.join("blobs/sha256"), ""), (self.root.join("tmp"), ".partial")] {
+            for e in std::fs::read_dir(&dir)?.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                let hex = name.strip_suffix(suffix).unwrap_or(&name);
+                if !wanted_hex.contains(hex) {
+                    freed += e.metadata().map(|m| m.len()).unwrap_or(0);
+                    std::fs::remove_file(e.path())?;
+                }
+            }
+        }
+        Ok(freed)
+    }
+
+    /// Bytes the store occupies: blobs and partial downloads (version dirs are hard links to blobs).
+    pub fn usage(&self) -> u64 {
+        ["blobs/sha256", "tmp"]
+            .iter()
+            .filter_map(|d| std::fs::read_dir(self.root.join(d)).ok())
+            .flat_map(|rd| rd.flatten())
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    /// Free and total bytes for the store: its filesystem's, or within `capacity` when the store
+    /// may use only that much of it.
+    pub fn space(&self, capacity: Option<u64>) -> io::Result<(u64, u64)> {
+        let (free, total) = super::capabilities::storage(&self.root)?;
+        Ok(match capacity {
+            Some(cap) => (free.min(cap.saturating_sub(self.usage())), total.min(cap)),
+            None => (free, total),
+        })
+    }
+
+    /// Per model: versions on disk with their digests, and the active one.
+    pub fn inventory(&self) -> BTreeMap<String, (ModelState, Option<String>)> {
+        self.models().into_iter().map(|m| (m.clone(), (self.state(&m), self.current(&m)))).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put_blob(store: &Store, data: &[u8]) -> String {
+        let digest = crate::oci::push::sha256_digest(data);
+        let partial = store.partial_path(&digest).unwrap();
+        std::fs::write(&partial, data).unwrap();
+        store.commit_blob(&digest, &partial).unwrap();
+        digest
+    }
+
+    fn record(version: &str, files: &[(&str, &str, u64)]) -> VersionRecord {
+        VersionRecord {
+            version: version.into(),
+            digest: format!("sha256:{}", "0".repeat(64)),
+            files: files
+                .iter()
+                .map(|(t, d, s)| FileRecord { title: t.to_string(), digest: d.to_string(), size: *s })
+                .collect(),
+            activated_at: 0,
+        }
+    }
+
+    #[test]
+    fn titles_that_escape_are_refused() {
+        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a/..", "..", "a\\b", "a\0b"] {
+            assert!(validate_title(bad).is_err(), "{bad:?} should be refused");
+        }
+        assert_eq!(validate_title("a/b.onnx").unwrap(), PathBuf::from("a/b.onnx"));
+        assert_eq!(validate_title("./model.onnx").unwrap(), PathBuf::from("model.onnx"));
+        assert!(digest_hex("sha256:../../x").is_err());
+        assert!(!is_safe_component("../x") && !is_safe_component(".hidden") && is_safe_component("4.2.1-rc.1"));
+    }
+
+    #[test]
+    fn materialize_activate_prune_and_collect() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let a = put_blob(&store, b"weights v1");
+        let b = put_blob(&store, b"weights v2");
+        let cfg = put_blob(&store, b"{}");
+        for (v, d) in [("1.0.0", &a), ("2.0.0", &b), ("3.0.0", &a)] {
+            store.materialize("m", &record(v, &[("model.onnx", d, 10), ("cfg/config.json", &cfg, 2)])).unwrap();
+            store.activate("m", v).unwrap();
+            assert_eq!(store.current("m").as_deref(), Some(v));
+            let read = std::fs::read(dir.path().join("models/m/current/model.onnx")).unwrap();
+            assert_eq!(read, std::fs::read(store.blob_path(d).unwrap()).unwrap());
+        }
+        // Keep one besides the active: 2.0.0 (more recent) stays, 1.0.0 goes.
+        assert_eq!(store.prune("m", 1).unwrap(), vec!["1.0.0".to_string()]);
+        assert!(!store.version_dir("m", "1.0.0").exists() && store.version_dir("m", "2.0.0").exists());
+        let orphan = put_blob(&store, b"nobody wants me");
+        std::fs::write(store.partial_path(&orphan).unwrap(), b"part").unwrap();
+        let freed = store.collect_garbage(&HashSet::new()).unwrap();
+        assert_eq!(freed, 15 + 4);
+        assert!(store.has_blob(&a, 10) && store.has_blob(&b, 10) && !store.has_blob(&orphan, 15));
+        store.remove_model("m").unwrap();
+        assert!(store.models().is_empty());
+        store.collect_garbage(&HashSet::new()).unwrap();
+        assert!(!store.has_blob(&a, 10));
+    }
+
+    #[test]
+    fn same_version_other_bytes_is_replaced_while_current_stays_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let a = put_blob(&store, b"aaaa");
+        let b = put_blob(&store, b"bbbb");
+        store.materialize("m", &record("1.0.0", &[("w", &a, 4)])).unwrap();
+        store.activate("m", "1.0.0").unwrap();
+        store.materialize("m", &record("1.0.0", &[("w", &b, 4)])).unwrap();
+        assert_eq!(store.current("m").as_deref(), Some("1.0.0"));
+        assert_eq!(std::fs::read(dir.path().join("models/m/current/w")).unwrap(), b"bbbb");
+        assert_eq!(store.state("m").versions.len(), 1);
+    }
+}

@@ -1,0 +1,3 @@
+//! Command-line commands beyond the long-running components: `peat push` (and the kubectl plugin).
+
+pub mod push;

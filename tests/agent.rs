@@ -1,0 +1,523 @@
+//! Real agents (`peat agent` processes) with the real controller, API server and registry: pulls,
+//! verification, atomic activation, instant rollback, resume after SIGKILL, a tampered blob, a full
+//! disk, a registry outage, unsafe artifacts and ORAS artifacts. Bytes on the wire are counted at
+//! the registry (its access log); each test has a registry of its own so counts do not mix.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, Patch, PatchParams};
+use peat::api::{BlockerReason, DeploymentPhase, ModelDeployment, ModelNode, ModelRollout, RolloutPhase};
+use peat::oci::push::VariantMeta;
+use peat::testenv::Registry;
+use serde_json::json;
+use support::{AgentProc, CountingProxy, create_node, pseudo_random, push_files, start_agent};
+use tokio::sync::OnceCell;
+
+const T: Duration = Duration::from_secs(90);
+const MI: usize = 1 << 20;
+
+static CONTROLLER: OnceCell<support::ControllerProc> = OnceCell::const_new();
+
+async fn controller() -> &'static support::ControllerProc {
+    CONTROLLER
+        .get_or_init(|| async {
+            let ctx = support::ctx("peat-system").await;
+            let c = support::start_controller("controller", &ctx.ns, &["--heartbeat-timeout", "30s"]).await;
+            c.wait_leading(T).await;
+            c
+        })
+        .await
+}
+
+struct Setup {
+    ctx: support::Ctx,
+    registry: Registry,
+    dir: PathBuf,
+}
+
+async fn setup(test: &str) -> Setup {
+    controller().await;
+    let ctx = support::ctx(test).await;
+    let dir = ctx.env.dir.join(&ctx.ns);
+    let registry = Registry::start(&ctx.env.binaries.registry, &dir.join("registry")).await.expect("a registry");
+    Setup { ctx, registry, dir }
+}
+
+fn cpu(name: &str) -> VariantMeta {
+    VariantMeta {
+        name: name.into(),
+        precision: Some("int8".into()),
+        providers: vec!["cpu".into()],
+        ..Default::default()
+    }
+}
+
+fn cuda(name: &str) -> VariantMeta {
+    VariantMeta {
+        name: name.into(),
+        precision: Some("float16".into()),
+        providers: vec!["cuda".into()],
+        min_gpu_memory: 4 << 30,
+        ..Default::default()
+    }
+}
+
+impl Setup {
+    fn repo(&self, model: &str) -> String {
+        format!("{}/models/{model}", self.registry.addr)
+    }
+
+    fn node(&self, suffix: &str) -> String {
+        format!("{}-{suffix}", self.ctx.ns)
+    }
+
+    /// A Node and its agent with a store under this test's directory.
+    async fn agent(&self, suffix: &str, extra: &[&str]) -> AgentProc {
+        let node = self.node(suffix);
+        create_node(&self.ctx.client, &node, &[]).await;
+        start_agent(&node, &self.dir.join(format!("store-{suffix}")), extra)
+    }
+
+    async fn apply(&self, model: &str, version: &str, nodes: &[&AgentProc], extra: serde_json::Value) {
+        self.apply_via(&self.registry.addr, model, version, nodes, extra).await
+    }
+
+    /// Applies a rollout whose repository is reached at `host` (the registry, or a proxy in front of it).
+    async fn apply_via(&self, host: &str, model: &str, version: &str, nodes: &[&AgentProc], extra: serde_json::Value) {
+        let api: Api<ModelRollout> = Api::namespaced(self.ctx.client.clone(), &self.ctx.ns);
+        let mut spec = json!({
+            "model": model,
+            "version": version,
+            "source": {"repository": format!("{host}/models/{model}"), "insecure": true},
+            "scope": {"nodes": nodes.iter().map(|a| a.node.clone()).collect::<Vec<_>>()},
+        });
+        if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+            spec.extend(extra.clone());
+        }
+        let obj = json!({"apiVersion": "peat.dev/v1alpha1", "kind": "ModelRollout", "metadata": {"name": model}, "spec": spec});
+        api.patch(model, &PatchParams::apply("peat-test").force(), &Patch::Apply(&obj)).await.expect("applying");
+    }
+
+    async fn converged(&self, model: &str, version: &str, agents: &[&AgentProc]) -> ModelRollout {
+        let api: Api<ModelRollout> = Api::namespaced(self.ctx.client.clone(), &self.ctx.ns);
+        let what = format!("{model} {version} converged");
+        let deadline = std::time::Instant::now() + T;
+        loop {
+            if let Ok(r) = api.get(model).await
+                && let Some(s) = &r.status
+                && s.phase == RolloutPhase::Converged
+                && s.resolved_version.as_deref() == Some(version)
+                && s.converged as usize == agents.len()
+            {
+                return r;
+            }
+            if std::time::Instant::now() > deadline {
+                let logs: String = agents.iter().map(|a| format!("--- {}\n{}\n", a.node, a.log_tail())).collect();
+                let mds = support::deployments(&self.ctx.client, &self.ctx.ns, model).await;
+                let st: Vec<_> = mds.values().map(|m| (m.spec.node_name.clone(), m.status.clone())).collect();
+                panic!("timed out waiting for {what}; deployments: {st:#?}\n{logs}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn deployment(&self, model: &str, agent: &AgentProc) -> ModelDeployment {
+        let api: Api<ModelDeployment> = Api::namespaced(self.ctx.client.clone(), &self.ctx.ns);
+        api.get(&ModelDeployment::name_for(model, &agent.node)).await.expect("the node's ModelDeployment")
+    }
+
+    /// Waits until the node's deployment of `model` satisfies `pred`.
+    async fn deployment_where(
+        &self,
+        model: &str,
+        agent: &AgentProc,
+        what: &str,
+        pred: impl Fn(&ModelDeployment) -> bool,
+    ) -> ModelDeployment {
+        let api: Api<ModelDeployment> = Api::namespaced(self.ctx.client.clone(), &self.ctx.ns);
+        let name = ModelDeployment::name_for(model, &agent.node);
+        let deadline = std::time::Instant::now() + T;
+        loop {
+            if let Ok(md) = api.get(&name).await
+                && pred(&md)
+            {
+                return md;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {name}: {what}; status {:?}\n{}",
+                api.get(&name).await.ok().and_then(|m| m.status),
+                agent.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn phase(md: &ModelDeployment) -> Option<DeploymentPhase> {
+    md.status.as_ref().map(|s| s.phase)
+}
+
+/// Asserts the model's `current` points at `version` and holds exactly `files`.
+fn assert_active(store: &Path, model: &str, version: &str, files: &[(&str, Vec<u8>)]) {
+    let current = store.join("models").join(model).join("current");
+    assert_eq!(std::fs::read_link(&current).unwrap(), PathBuf::from(version), "current → {version}");
+    for (title, bytes) in files {
+        let got = std::fs::read(current.join(title)).unwrap_or_else(|e| panic!("{title}: {e}"));
+        assert!(got == *bytes, "{title} differs from what was pushed");
+    }
+    let count = walk_files(&current.join(".")).len();
+    assert_eq!(count, files.len(), "no other files in the version dir");
+}
+
+fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk_files(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+fn dir_is_empty(dir: &Path) -> bool {
+    std::fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(true)
+}
+
+#[tokio::test]
+async fn variants_per_node_upgrade_and_rollback_without_bytes() {
+    let s = setup("agent-variants").await;
+    let repo = s.repo("vision");
+    let v1_cuda = vec![("model.onnx", pseudo_random(1, 3 * MI)), ("config.json", b"{\"v\":1}".to_vec())];
+    let v1_cpu = vec![("model.onnx", pseudo_random(2, MI)), ("tokenizer/vocab.txt", b"a b c".to_vec())];
+    let v2_cuda = vec![("model.onnx", pseudo_random(3, 3 * MI)), ("config.json", b"{\"v\":2}".to_vec())];
+    let v2_cpu = vec![("model.onnx", pseudo_random(4, MI)), ("tokenizer/vocab.txt", b"a b c".to_vec())];
+    push_files(&repo, "1.0.0", cuda("fp16-cuda"), &v1_cuda).await;
+    push_files(&repo, "1.0.0", cpu("int8-cpu"), &v1_cpu).await;
+
+    let gpu = s.agent("gpu", &["--arch", "amd64", "--gpus", "1", "--gpu-memory", "8Gi"]).await;
+    let arm = s.agent("arm", &["--arch", "arm64", "--gpus", "0", "--gpu-memory", "0"]).await;
+    let small =
+        s.agent("small", &["--arch", "amd64", "--gpus", "0", "--gpu-memory", "0", "--storage-capacity", "64Mi"]).await;
+    let agents = [&gpu, &arm, &small];
+    s.apply("vision", "1.0.0", &agents, json!({})).await;
+    s.converged("vision", "1.0.0", &agents).await;
+
+    // Capabilities from the flags reached the ModelNodes.
+    let mns: Api<ModelNode> = Api::all(s.ctx.client.clone());
+    let g = mns.get(&gpu.node).await.unwrap().status.unwrap();
+    assert_eq!((g.arch.as_deref(), g.gpus, g.gpu_memory_bytes), (Some("amd64"), 1, 8 << 30));
+    assert_eq!(g.providers, vec!["cpu", "cuda"]);
+    assert_eq!(g.models_summary.as_deref(), Some("vision=1.0.0"));
+    let sm = mns.get(&small.node).await.unwrap().status.unwrap();
+    assert_eq!(sm.storage_total_bytes, 64 << 20);
+    assert!(sm.storage_free_bytes <= (64 << 20) - (MI as i64), "the model's bytes count against the capacity");
+
+    for (agent, variant, files) in
+        [(&gpu, "fp16-cuda", &v1_cuda), (&arm, "int8-cpu", &v1_cpu), (&small, "int8-cpu", &v1_cpu)]
+    {
+        let md = s.deployment("vision", agent).await;
+        assert_eq!(md.spec.variant, variant, "{}", agent.node);
+        let st = md.status.unwrap();
+        assert_eq!((st.phase, st.active_version.as_deref()), (DeploymentPhase::Operational, Some("1.0.0")));
+        let total: usize = files.iter().map(|f| f.1.len()).sum();
+        assert_eq!((st.bytes_total, st.bytes_done, st.bytes_reused), (total as i64, total as i64, 0));
+        assert_active(&agent.store, "vision", "1.0.0", files);
+    }
+    let nodes: Api<Node> = Api::all(s.ctx.client.clone());
+    let labels = nodes.get(&arm.node).await.unwrap().metadata.labels.unwrap_or_default();
+    assert_eq!(labels.get("models.peat.dev/vision").map(String::as_str), Some("1.0.0"));
+
+    // Upgrade.
+    push_files(&repo, "2.0.0", cuda("fp16-cuda"), &v2_cuda).await;
+    push_files(&repo, "2.0.0", cpu("int8-cpu"), &v2_cpu).await;
+    s.apply("vision", "2.0.0", &agents, json!({})).await;
+    s.converged("vision", "2.0.0", &agents).await;
+    for (agent, files) in [(&gpu, &v2_cuda), (&arm, &v2_cpu), (&small, &v2_cpu)] {
+        assert_active(&agent.store, "vision", "2.0.0", files);
+        let st = s.deployment("vision", agent).await.status.unwrap();
+        assert_eq!(st.previous_versions, vec!["1.0.0"]);
+    }
+    // The unchanged vocab file was not fetched again.
+    let st = s.deployment("vision", &arm).await.status.unwrap();
+    assert_eq!(st.bytes_reused, 5);
+    let labels = nodes.get(&gpu.node).await.unwrap().metadata.labels.unwrap_or_default();
+    assert_eq!(labels.get("models.peat.dev/vision").map(String::as_str), Some("2.0.0"));
+
+    // Rollback to the kept version: no blob leaves the registry.
+    let served = s.registry.blob_bytes_served();
+    s.apply("vision", "1.0.0", &agents, json!({})).await;
+    s.converged("vision", "1.0.0", &agents).await;
+    for (agent, files) in [(&gpu, &v1_cuda), (&arm, &v1_cpu), (&small, &v1_cpu)] {
+        assert_active(&agent.store, "vision", "1.0.0", files);
+        let st = s.deployment("vision", agent).await.status.unwrap();
+        assert_eq!(st.bytes_done, 0, "{}: rollback fetched bytes", agent.node);
+    }
+    assert_eq!(s.registry.blob_bytes_served(), served, "a rollback to a kept version moves no bytes");
+
+    // Deleting the rollout removes the model from the stores and the label from the Nodes.
+    let api: Api<ModelRollout> = Api::namespaced(s.ctx.client.clone(), &s.ctx.ns);
+    api.delete("vision", &Default::default()).await.unwrap();
+    support::eventually("models removed from the stores", T, || async {
+        agents.iter().all(|a| !a.store.join("models/vision").exists()).then_some(())
+    })
+    .await;
+    support::eventually("the Node label removed", T, || async {
+        let l = nodes.get(&gpu.node).await.ok()?.metadata.labels.unwrap_or_default();
+        (!l.contains_key("models.peat.dev/vision")).then_some(())
+    })
+    .await;
+    support::eventually("blobs collected", T, || async {
+        agents.iter().all(|a| dir_is_empty(&a.store.join("blobs/sha256"))).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_agent_killed_mid_pull_resumes_where_it_stopped() {
+    let s = setup("agent-resume").await;
+    let size = 64 * MI;
+    let files = vec![("weights.bin", pseudo_random(7, size))];
+    push_files(&s.repo("big"), "1.0.0", cpu("int8-cpu"), &files).await;
+    // The node reaches the registry over a 16 MiB/s link: the pull takes about 4 s.
+    let link = CountingProxy::start(&s.registry.addr).await;
+    link.set_rate(16 * MI as u64);
+    let mut agent = s.agent("n", &[]).await;
+    s.apply_via(&link.addr, "big", "1.0.0", &[&agent], json!({})).await;
+    let partial = support::eventually("a third of the blob on disk", T, || {
+        let tmp = agent.store.join("tmp");
+        async move {
+            let e = std::fs::read_dir(&tmp).ok()?.flatten().next()?;
+            let len = e.metadata().ok()?.len();
+            (len > (size / 3) as u64).then_some(len)
+        }
+    })
+    .await;
+    agent.kill();
+    assert!(partial < size as u64, "killed before the end");
+    agent.restart();
+    s.converged("big", "1.0.0", &[&agent]).await;
+    assert_active(&agent.store, "big", "1.0.0", &files);
+    let wire = link.delivered();
+    assert!(wire as f64 <= 1.05 * size as f64, "the resumed pull moved {wire} bytes for a {size}-byte artifact");
+    assert!(wire >= size as u64, "every byte crossed the link once");
+    assert!(dir_is_empty(&agent.store.join("tmp")));
+}
+
+/// Overwrites a blob's bytes in the registry's storage (same length, other content).
+fn tamper(registry: &Registry, digest: &str) {
+    let hex = digest.trim_start_matches("sha256:");
+    let path = registry.storage.join(format!("docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]));
+    let mut bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    bytes[0] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+}
+
+#[tokio::test]
+async fn a_tampered_blob_fails_and_the_previous_version_stays_active() {
+    let s = setup("agent-tamper").await;
+    let v1 = vec![("model.onnx", pseudo_random(11, MI))];
+    let v2 = vec![("model.onnx", pseudo_random(12, MI))];
+    push_files(&s.repo("m"), "1.0.0", cpu("int8-cpu"), &v1).await;
+    push_files(&s.repo("m"), "2.0.0", cpu("int8-cpu"), &v2).await;
+    let agent = s.agent("n", &[]).await;
+    s.apply("m", "1.0.0", &[&agent], json!({})).await;
+    s.converged("m", "1.0.0", &[&agent]).await;
+
+    let v2_digest = peat::oci::push::sha256_digest(&v2[0].1);
+    tamper(&s.registry, &v2_digest);
+    s.apply("m", "2.0.0", &[&agent], json!({})).await;
+    let md = s
+        .deployment_where("m", &agent, "Failed for 2.0.0", |m| {
+            m.spec.version == "2.0.0" && phase(m) == Some(DeploymentPhase::Failed)
+        })
+        .await;
+    let st = md.status.unwrap();
+    assert_eq!(st.reason, Some(BlockerReason::TransferFailed));
+    assert!(st.message.as_deref().unwrap_or_default().contains("digest mismatch"), "{:?}", st.message);
+    assert_eq!(st.active_version.as_deref(), Some("1.0.0"));
+    assert_active(&agent.store, "m", "1.0.0", &v1);
+    assert!(!agent.store.join("models/m/2.0.0").exists(), "no directory for the bad version");
+    assert!(!agent.store.join(format!("blobs/sha256/{}", &v2_digest[7..])).exists(), "bad bytes never stored");
+    assert!(dir_is_empty(&agent.store.join("tmp")));
+    let api: Api<ModelRollout> = Api::namespaced(s.ctx.client.clone(), &s.ctx.ns);
+    support::eventually("the rollout counts the failure", T, || async {
+        let r = api.get("m").await.ok()?;
+        (r.status?.failed == 1).then_some(())
+    })
+    .await;
+}
+
+/// A tmpfs of `size` at `dir`, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("running mount");
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs needs root (the test environment runs as root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test]
+async fn a_store_too_small_reports_insufficient_storage_and_leaves_nothing() {
+    let s = setup("agent-full").await;
+    let files = vec![("model.onnx", pseudo_random(21, 4 * MI)), ("extra.bin", pseudo_random(22, 2 * MI))];
+    let manifest = push_files(&s.repo("m"), "1.0.0", cpu("int8-cpu"), &files).await;
+    let store = s.dir.join("store-tiny");
+    let _tmpfs = Tmpfs::mount(&store, "3m");
+    let node = s.node("tiny");
+    create_node(&s.ctx.client, &node, &[]).await;
+    let agent = start_agent(&node, &store, &[]);
+
+    // The controller sees the small store in the ModelNode and starts no transfer.
+    s.apply("m", "1.0.0", &[&agent], json!({})).await;
+    let api: Api<ModelRollout> = Api::namespaced(s.ctx.client.clone(), &s.ctx.ns);
+    support::eventually("the rollout blocked by InsufficientStorage", T, || async {
+        let st = api.get("m").await.ok()?.status?;
+        st.blockers.iter().any(|b| b.node == node && b.reason == BlockerReason::InsufficientStorage).then_some(())
+    })
+    .await;
+
+    // A deployment written anyway (the store filled up after the last heartbeat): the agent checks.
+    let md = json!({
+        "apiVersion": "peat.dev/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": "other.tiny"},
+        "spec": {"nodeName": node, "model": "other", "version": "1.0.0", "variant": "int8-cpu",
+                 "artifact": format!("{}@{manifest}", s.repo("m")), "insecure": true},
+    });
+    let mds: Api<ModelDeployment> = Api::namespaced(s.ctx.client.clone(), &s.ctx.ns);
+    mds.patch("other.tiny", &PatchParams::apply("peat-test"), &Patch::Apply(&md)).await.unwrap();
+    let md = support::eventually("Failed InsufficientStorage from the agent", T, || async {
+        let md = mds.get("other.tiny").await.ok()?;
+        md.status.as_ref().is_some_and(|st| st.reason == Some(BlockerReason::InsufficientStorage)).then_some(md)
+    })
+    .await;
+    let st = md.status.unwrap();
+    assert_eq!(st.phase, DeploymentPhase::Failed);
+    assert!(st.message.unwrap_or_default().contains("free"));
+    assert!(dir_is_empty(&store.join("tmp")), "no partial download left");
+    assert!(dir_is_empty(&store.join("blobs/sha256")));
+    assert!(dir_is_empty(&store.join("models")));
+    assert_eq!(s.registry.blob_bytes_served(), 0, "refused before any transfer");
+}
+
+#[tokio::test]
+async fn a_registry_outage_mid_rollout_is_retried_until_it_converges() {
+    let mut s = setup("agent-outage").await;
+    let size = 48 * MI;
+    let files = vec![("weights.bin", pseudo_random(31, size))];
+    push_files(&s.repo("m"), "1.0.0", cpu("int8-cpu"), &files).await;
+    let link = CountingProxy::start(&s.registry.addr).await;
+    link.set_rate(8 * MI as u64);
+    let agent = s.agent("n", &[]).await;
+    s.apply_via(&link.addr, "m", "1.0.0", &[&agent], json!({})).await;
+    support::eventually("the transfer under way", T, || {
+        let tmp = agent.store.join("tmp");
+        async move {
+            let e = std::fs::read_dir(&tmp).ok()?.flatten().next()?;
+            (e.metadata().ok()?.len() > (size / 5) as u64).then_some(())
+        }
+    })
+    .await;
+    s.registry.stop();
+    let during = s
+        .deployment_where("m", &agent, "a retry reported during the outage", |m| {
+            m.status.as_ref().is_some_and(|st| {
+                st.phase == DeploymentPhase::Downloading && st.reason == Some(BlockerReason::TransferFailed)
+            })
+        })
+        .await;
+    assert!(during.status.unwrap().message.unwrap_or_default().contains("retrying"));
+    // The outage lasts 20 s (the scenario), whatever the agent does meanwhile.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_ne!(phase(&s.deployment("m", &agent).await), Some(DeploymentPhase::Failed), "an outage is not a failure");
+    s.registry.restart().await.expect("registry back");
+    link.set_rate(0);
+    s.converged("m", "1.0.0", &[&agent]).await;
+    assert_active(&agent.store, "m", "1.0.0", &files);
+    let wire = link.delivered();
+    assert!(wire as f64 <= 1.05 * size as f64, "resumed after the outage: {wire} bytes for {size}");
+}
+
+#[tokio::test]
+async fn unsafe_titles_and_oversized_layers_are_refused() {
+    let s = setup("agent-unsafe").await;
+    let escape = vec![("../../escape.txt", b"owned".to_vec())];
+    push_files(&s.repo("esc"), "1.0.0", cpu("int8-cpu"), &escape).await;
+
+    // A layer whose descriptor declares half the blob's real size.
+    let access = peat::oci::RegistryAccess { insecure: true, ..Default::default() };
+    let client = access.client();
+    let data = pseudo_random(41, 2000);
+    let digest = peat::oci::push::sha256_digest(&data);
+    let repo = s.repo("big");
+    let r: oci_client::Reference = format!("{repo}:1.0.0").parse().unwrap();
+    client.push_blob(&r, data.clone(), &digest).await.unwrap();
+    let layer = oci_client::manifest::OciDescriptor {
+        media_type: peat::oci::layout::MEDIA_MODEL_FILE.into(),
+        digest,
+        size: 1000,
+        annotations: Some([(peat::oci::layout::ANN_TITLE.to_string(), "model.onnx".to_string())].into()),
+        ..Default::default()
+    };
+    peat::oci::push::push_variant_manifest(&client, &access.auth, &repo, "1.0.0", &cpu("int8-cpu"), vec![layer])
+        .await
+        .unwrap();
+
+    let agent = s.agent("n", &[]).await;
+    s.apply("esc", "1.0.0", &[&agent], json!({})).await;
+    s.apply("big", "1.0.0", &[&agent], json!({})).await;
+    let md = s.deployment_where("esc", &agent, "Failed", |m| phase(m) == Some(DeploymentPhase::Failed)).await;
+    let st = md.status.unwrap();
+    assert_eq!(st.reason, Some(BlockerReason::TransferFailed));
+    assert!(st.message.unwrap_or_default().contains("escapes the model directory"));
+    assert!(!s.dir.join("escape.txt").exists() && !agent.store.join("escape.txt").exists());
+    let md = s.deployment_where("big", &agent, "Failed", |m| phase(m) == Some(DeploymentPhase::Failed)).await;
+    let st = md.status.unwrap();
+    assert_eq!(st.reason, Some(BlockerReason::TransferFailed));
+    assert!(st.message.unwrap_or_default().contains("more than the 1000 bytes"), "oversize refused");
+    assert!(dir_is_empty(&agent.store.join("tmp")) && dir_is_empty(&agent.store.join("blobs/sha256")));
+}
+
+#[tokio::test]
+async fn an_oras_pushed_artifact_is_pulled_as_a_single_variant() {
+    let s = setup("agent-oras").await;
+    let src = s.dir.join("oras-src");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    let model = pseudo_random(51, MI);
+    std::fs::write(src.join("model.onnx"), &model).unwrap();
+    std::fs::write(src.join("sub/labels.txt"), b"cat\ndog\n").unwrap();
+    let out = std::process::Command::new(&s.ctx.env.binaries.oras)
+        .current_dir(&src)
+        .args(["push", "--plain-http", &format!("{}:1.0.0", s.repo("plain")), "model.onnx", "sub/labels.txt"])
+        .output()
+        .expect("running oras");
+    assert!(out.status.success(), "oras push: {}", String::from_utf8_lossy(&out.stderr));
+    let agent = s.agent("n", &[]).await;
+    s.apply("plain", "1.0.0", &[&agent], json!({})).await;
+    s.converged("plain", "1.0.0", &[&agent]).await;
+    assert_eq!(s.deployment("plain", &agent).await.spec.variant, "default");
+    assert_active(&agent.store, "plain", "1.0.0", &[("model.onnx", model), ("sub/labels.txt", b"cat\ndog\n".to_vec())]);
+}
