@@ -5,7 +5,7 @@ CARGO ?= cargo
 PREFIX ?= $(HOME)/.cargo
 ENV_DIR := target/peat-env
 
-.PHONY: test lint unit integration crds crds-check env env-down install testenv-bins toolchain demo bench check-orphans
+.PHONY: test lint unit integration crds crds-check env env-down install testenv-bins toolchain demo bench bench-tools check-orphans
 
 ## test: everything CI runs — lint, unit tests, CRD drift check, integration tests on the real environment
 test: lint testenv-bins
@@ -61,5 +61,10 @@ demo:
 	@echo "make demo arrives with the controller and agent issues (#4, #5, #7): nothing to demo yet." >&2; exit 2
 
 ## bench: the benchmarks, each printing its figures as ratios against a baseline measured in the same run
-bench: testenv-bins
+bench: testenv-bins bench-tools
 	$(CARGO) bench --bench controller_scale
+	$(CARGO) bench --bench pull
+
+## bench-tools: skopeo (Debian), the pull benchmark's second baseline (oras comes with testenv-bins)
+bench-tools:
+	@command -v skopeo >/dev/null || { apt-get update -qq && apt-get install -y -qq skopeo; }

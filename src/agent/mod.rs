@@ -841,6 +841,7 @@ async fn transfer(
             }
         })
     };
+    let started = Instant::now();
     let t = Transfer {
         store: &agent.store,
         source: &source,
@@ -863,6 +864,7 @@ async fn transfer(
         return (Some(plan), Err(e));
     }
     agent.metrics.reused.inc_by(bytes.1);
+    debug!(md = %key_of(md), elapsed = ?started.elapsed(), fetched = bytes.0, "layers fetched and verified");
     let report = Report { bytes: Some(bytes), ..Report::phase(DeploymentPhase::Loading) };
     agent.write_status(md, &report).await;
     let record = VersionRecord {
@@ -880,6 +882,7 @@ async fn transfer(
             .and_then(|()| agent.store.prune(&md.spec.model, agent.opts.keep_versions).map(|_| ()))
     };
     agent.inventory_changed.notify_one();
+    debug!(md = %key_of(md), elapsed = ?started.elapsed(), "activated");
     match activated {
         Ok(()) => (Some(plan), Ok(bytes)),
         Err(e) => (Some(plan), Err(PullError::Io(e))),

@@ -12,7 +12,6 @@ use oci_client::client::BlobResponse;
 use oci_client::manifest::{IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageManifest};
 use oci_client::secrets::RegistryAuth;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::store::{FileRecord, Store, digest_hex, validate_title};
@@ -272,6 +271,9 @@ pub struct Transfer<'a> {
     pub capacity: Option<u64>,
 }
 
+/// Layers of one pull fetched at the same time.
+const LAYERS_IN_FLIGHT: usize = 3;
+
 /// Fetches every file layer of `plan` not already in the store, verified, into `blobs/`.
 pub async fn fetch_layers(t: &Transfer<'_>, plan: &PullPlan) -> Result<(), PullError> {
     let mut missing = Vec::new();
@@ -299,10 +301,15 @@ pub async fn fetch_layers(t: &Transfer<'_>, plan: &PullPlan) -> Result<(), PullE
         return Err(PullError::InsufficientStorage { needed, free });
     }
     let r = parse_reference(&plan.artifact)?;
-    for f in missing {
-        match fetch_blob(t, &r, f).await {
+    // A few layers at once: one stream rarely fills a link (or a core hashing), several do.
+    // (Futures made up front: a mapping closure inside the stream defeats `Send` inference in tokio::spawn.)
+    let futures: Vec<_> = missing.into_iter().map(|f| fetch_blob(t, &r, f)).collect();
+    let mut fetches = futures::stream::iter(futures).buffer_unordered(LAYERS_IN_FLIGHT);
+    while let Some(result) = fetches.next().await {
+        match result {
             Ok(()) => {}
             Err(PullError::Io(e)) if is_enospc(&e) => {
+                drop(fetches);
                 discard_partials(t.store, plan);
                 let free = t.store.space(t.capacity).map(|s| s.0).unwrap_or(0);
                 return Err(PullError::InsufficientStorage { needed, free });
@@ -322,16 +329,55 @@ pub fn discard_partials(store: &Store, plan: &PullPlan) {
     }
 }
 
-/// Hashes the bytes already in a partial file.
-async fn hash_existing(path: &std::path::Path, len: u64, hasher: &mut Sha256) -> std::io::Result<()> {
-    let mut f = tokio::fs::File::open(path).await?.take(len);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        hasher.update(&buf[..n]);
+/// Hashes and appends a layer's bytes on a blocking thread, so the runtime threads only move bytes
+/// off the socket (hashing 1 GiB is seconds of CPU).
+struct LayerWriter {
+    tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    handle: tokio::task::JoinHandle<std::io::Result<Sha256>>,
+}
+
+impl LayerWriter {
+    /// Opens `path`, keeps its first `keep` bytes (hashing them) and appends what follows.
+    fn start(path: std::path::PathBuf, keep: u64) -> LayerWriter {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
+        let handle = tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Seek, Write};
+            let mut hasher = Sha256::new();
+            let mut file =
+                std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path)?;
+            file.set_len(keep)?;
+            if keep > 0 {
+                let mut buf = vec![0u8; 1 << 20];
+                let mut existing = (&file).take(keep);
+                loop {
+                    let n = existing.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&buf[..n]);
+                }
+            }
+            file.seek(std::io::SeekFrom::End(0))?;
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+            while let Some(chunk) = rx.blocking_recv() {
+                out.write_all(&chunk)?;
+                hasher.update(&chunk);
+            }
+            out.flush()?;
+            Ok(hasher)
+        });
+        LayerWriter { tx, handle }
+    }
+
+    /// Queues a chunk; false when the writer stopped (its error comes from [`LayerWriter::finish`]).
+    async fn write(&self, chunk: bytes::Bytes) -> bool {
+        self.tx.send(chunk).await.is_ok()
+    }
+
+    /// Waits for everything queued to be written; returns the hash of the whole file.
+    async fn finish(self) -> std::io::Result<Sha256> {
+        drop(self.tx);
+        self.handle.await.map_err(std::io::Error::other)?
     }
 }
 
@@ -341,102 +387,89 @@ async fn fetch_blob(t: &Transfer<'_>, r: &Reference, f: &FileLayer) -> Result<()
     if offset > f.size {
         offset = 0;
     }
-    let mut hasher = Sha256::new();
-    if offset > 0 {
-        hash_existing(&partial, offset, &mut hasher).await?;
-    }
-    let file = tokio::fs::OpenOptions::new().create(true).write(true).truncate(false).open(&partial).await?;
-    file.set_len(offset).await?;
-    let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
-    out.seek_end().await?;
+    let reference = format!("{}@{}", r.whole().split('@').next().unwrap_or_default(), f.digest);
+    let mut stream = None;
     if offset < f.size {
         let desc = OciDescriptor { digest: f.digest.clone(), size: f.size as i64, ..Default::default() };
-        let reference = format!("{}@{}", r.whole().split('@').next().unwrap_or_default(), f.digest);
         let response = tokio::select! {
             _ = t.cancel.cancelled() => return Err(PullError::Cancelled),
             res = t.source.client.pull_blob_stream_partial(r, &desc, offset, None) => {
                 res.map_err(|e| OciError::from_client(&reference, e))?
             }
         };
-        let mut stream = match response {
+        stream = Some(match response {
             BlobResponse::Partial(s) => s.stream,
             BlobResponse::Full(s) => {
                 // The registry ignored the range: start over.
-                if offset > 0 {
-                    out.flush().await?;
-                    out.get_mut().set_len(0).await?;
-                    out.seek_end().await?;
-                    t.progress.fetched.fetch_sub(offset, Ordering::Relaxed);
-                    offset = 0;
-                    hasher = Sha256::new();
-                }
+                t.progress.fetched.fetch_sub(offset, Ordering::Relaxed);
+                offset = 0;
                 s.stream
             }
-        };
+        });
+    }
+    let writer = LayerWriter::start(partial.clone(), offset);
+    let mut failure: Option<PullError> = None;
+    if let Some(mut stream) = stream {
         loop {
             let next = tokio::select! {
                 _ = t.cancel.cancelled() => {
-                    out.flush().await?;
-                    return Err(PullError::Cancelled);
+                    failure = Some(PullError::Cancelled);
+                    break;
                 }
                 next = stream.next() => next,
             };
             let chunk = match next {
                 None => break,
                 Some(Ok(c)) => c,
+                // oci-client verifies whole (200) responses itself and fails at their end: our own
+                // hash below says what happened.
+                Some(Err(_)) if offset == f.size => break,
                 Some(Err(e)) => {
-                    out.flush().await?;
-                    // oci-client verifies whole (200) responses itself and fails at their end.
-                    if offset == f.size {
-                        break;
-                    }
-                    return Err(OciError::Unreachable { reference, message: format!("reading the blob: {e}") }.into());
+                    let message = format!("reading the blob: {e}");
+                    failure = Some(OciError::Unreachable { reference: reference.clone(), message }.into());
+                    break;
                 }
             };
             if offset + chunk.len() as u64 > f.size {
-                drop(out);
-                let _ = tokio::fs::remove_file(&partial).await;
-                return Err(PullError::Oversize { title: f.title.clone(), declared: f.size });
+                failure = Some(PullError::Oversize { title: f.title.clone(), declared: f.size });
+                break;
             }
             if let Some(l) = t.limiter {
                 l.acquire(chunk.len()).await;
             }
-            out.write_all(&chunk).await?;
-            hasher.update(&chunk);
-            offset += chunk.len() as u64;
-            t.progress.fetched.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-        }
-        out.flush().await?;
-        if offset < f.size {
-            return Err(OciError::Unreachable {
-                reference,
-                message: format!("the blob ended after {offset} of {} bytes", f.size),
+            let n = chunk.len() as u64;
+            if !writer.write(chunk).await {
+                break; // the writer failed: finish() returns why
             }
-            .into());
+            offset += n;
+            t.progress.fetched.fetch_add(n, Ordering::Relaxed);
         }
     }
-    out.flush().await?;
-    out.get_ref().sync_data().await?;
-    drop(out);
+    let hasher = writer.finish().await?;
+    match failure {
+        Some(e @ PullError::Oversize { .. }) => {
+            let _ = tokio::fs::remove_file(&partial).await;
+            return Err(e);
+        }
+        Some(e) => return Err(e), // the partial stays for a resume
+        None => {}
+    }
+    if offset < f.size {
+        let message = format!("the blob ended after {offset} of {} bytes", f.size);
+        return Err(OciError::Unreachable { reference, message }.into());
+    }
     let actual = format!("sha256:{:x}", hasher.finalize());
     if actual != f.digest {
         let _ = tokio::fs::remove_file(&partial).await;
         return Err(PullError::DigestMismatch { title: f.title.clone(), expected: f.digest.clone(), actual });
     }
+    // Durable before it counts as verified in blobs/.
+    let synced = partial.clone();
+    tokio::task::spawn_blocking(move || std::fs::File::open(synced)?.sync_data())
+        .await
+        .map_err(std::io::Error::other)??;
     t.store.commit_blob(&f.digest, &partial)?;
     Ok(())
-}
-
-trait SeekEnd {
-    async fn seek_end(&mut self) -> std::io::Result<()>;
-}
-
-impl SeekEnd for tokio::io::BufWriter<tokio::fs::File> {
-    async fn seek_end(&mut self) -> std::io::Result<()> {
-        use tokio::io::AsyncSeekExt;
-        self.flush().await?;
-        self.get_mut().seek(std::io::SeekFrom::End(0)).await.map(|_| ())
-    }
 }
 
 #[cfg(test)]
