@@ -521,3 +521,36 @@ async fn an_oras_pushed_artifact_is_pulled_as_a_single_variant() {
     assert_eq!(s.deployment("plain", &agent).await.spec.variant, "default");
     assert_active(&agent.store, "plain", "1.0.0", &[("model.onnx", model), ("sub/labels.txt", b"cat\ndog\n".to_vec())]);
 }
+
+#[tokio::test]
+async fn a_critical_transfer_preempts_a_lower_one_which_resumes_later() {
+    let s = setup("agent-preempt").await;
+    let slow = vec![("weights.bin", pseudo_random(61, 40 * MI))];
+    let urgent = vec![("patch.bin", pseudo_random(62, 2 * MI))];
+    push_files(&s.repo("slow"), "1.0.0", cpu("int8-cpu"), &slow).await;
+    push_files(&s.repo("urgent"), "1.0.0", cpu("int8-cpu"), &urgent).await;
+    let link = CountingProxy::start(&s.registry.addr).await;
+    link.set_rate(8 * MI as u64);
+    // One transfer at a time: the Critical one can only run by preempting.
+    let agent = s.agent("n", &["--max-concurrent-pulls", "1"]).await;
+    s.apply_via(&link.addr, "slow", "1.0.0", &[&agent], json!({"priority": "Low"})).await;
+    support::eventually("the Low transfer under way", T, || {
+        let tmp = agent.store.join("tmp");
+        async move {
+            let e = std::fs::read_dir(&tmp).ok()?.flatten().next()?;
+            (e.metadata().ok()?.len() > (4 * MI) as u64).then_some(())
+        }
+    })
+    .await;
+    s.apply_via(&link.addr, "urgent", "1.0.0", &[&agent], json!({"priority": "Critical"})).await;
+    s.deployment_where("urgent", &agent, "Critical Operational", |m| phase(m) == Some(DeploymentPhase::Operational))
+        .await;
+    let slow_md = s.deployment("slow", &agent).await;
+    assert_ne!(phase(&slow_md), Some(DeploymentPhase::Operational), "the Critical transfer finished first");
+    s.converged("slow", "1.0.0", &[&agent]).await;
+    assert_active(&agent.store, "slow", "1.0.0", &slow);
+    assert_active(&agent.store, "urgent", "1.0.0", &urgent);
+    let wire = link.delivered();
+    let both = (42 * MI) as f64;
+    assert!(wire as f64 <= 1.05 * both, "the preempted transfer resumed: {wire} bytes on the wire for {both}");
+}
