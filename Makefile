@@ -58,7 +58,7 @@ check-orphans:
 	@bash scripts/check-orphans.sh "$(CURDIR)/target/testenv/"
 
 demo:
-	@echo "make demo arrives with the controller and agent issues (#4, #5, #7): nothing to demo yet." >&2; exit 2
+	@echo "make demo arrives with the Helm chart and kubectl plugin issue (#7); until then README shows the controller and agent by hand." >&2; exit 2
 
 ## bench: the benchmarks, each printing its figures as ratios against a baseline measured in the same run
 bench: testenv-bins bench-tools
