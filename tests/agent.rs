@@ -554,3 +554,25 @@ async fn a_critical_transfer_preempts_a_lower_one_which_resumes_later() {
     let both = (42 * MI) as f64;
     assert!(wire as f64 <= 1.05 * both, "the preempted transfer resumed: {wire} bytes on the wire for {both}");
 }
+
+#[tokio::test]
+async fn two_models_sharing_a_layer_fetch_it_once() {
+    let s = setup("agent-shared").await;
+    let shared = pseudo_random(71, 8 * MI);
+    let a = vec![("tokenizer.bin", shared.clone()), ("a.bin", pseudo_random(72, MI))];
+    let b = vec![("tokenizer.bin", shared.clone()), ("b.bin", pseudo_random(73, MI))];
+    push_files(&s.repo("a"), "1.0.0", cpu("int8-cpu"), &a).await;
+    push_files(&s.repo("b"), "1.0.0", cpu("int8-cpu"), &b).await;
+    let link = CountingProxy::start(&s.registry.addr).await;
+    link.set_rate(8 * MI as u64); // both transfers overlap on the shared layer
+    let agent = s.agent("n", &[]).await;
+    s.apply_via(&link.addr, "a", "1.0.0", &[&agent], json!({})).await;
+    s.apply_via(&link.addr, "b", "1.0.0", &[&agent], json!({})).await;
+    s.converged("a", "1.0.0", &[&agent]).await;
+    s.converged("b", "1.0.0", &[&agent]).await;
+    assert_active(&agent.store, "a", "1.0.0", &a);
+    assert_active(&agent.store, "b", "1.0.0", &b);
+    let wire = link.delivered();
+    let unique = (10 * MI) as f64;
+    assert!(wire as f64 <= 1.05 * unique, "the shared layer crossed the link once: {wire} bytes for {unique}");
+}

@@ -135,8 +135,13 @@ struct Agent {
     caps: Capabilities,
     limiter: Option<RateLimiter>,
     metrics: Metrics,
-    /// Registry clients by (registry, insecure, pull secret): they keep their tokens.
-    clients: Mutex<HashMap<(String, bool), oci_client::Client>>,
+    /// Registry clients by (registry, insecure, fingerprint of the credentials): a client keeps the
+    /// credentials it first saw, so other or rotated credentials need a client of their own.
+    clients: Mutex<HashMap<(String, bool, String), oci_client::Client>>,
+    /// Layers being downloaded (one writer per digest).
+    in_flight: pull::InFlight,
+    /// Layer digests of each running transfer's plan: garbage collection keeps them.
+    pinned: Mutex<HashMap<String, HashSet<String>>>,
     /// Serializes changes of the store's model directories (activation, pruning, collection).
     store_lock: tokio::sync::Mutex<()>,
     /// Wakes the heartbeat early (the inventory changed).
@@ -179,11 +184,16 @@ impl Agent {
             Some(name) => auth_from_secret(&self.client, &md.namespace().unwrap_or_default(), name, &registry).await?,
             None => RegistryAuth::Anonymous,
         };
+        let fingerprint = match &auth {
+            RegistryAuth::Anonymous => String::new(),
+            RegistryAuth::Basic(u, p) => crate::oci::push::sha256_digest(format!("{u}:{p}").as_bytes()),
+            RegistryAuth::Bearer(t) => crate::oci::push::sha256_digest(t.as_bytes()),
+        };
         let client = self
             .clients
             .lock()
             .expect("clients lock")
-            .entry((registry, md.spec.insecure))
+            .entry((registry, md.spec.insecure, fingerprint))
             .or_insert_with(|| RegistryAccess { insecure: md.spec.insecure, auth: RegistryAuth::Anonymous }.client())
             .clone();
         Ok(Source { client, auth })
@@ -306,6 +316,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         caps,
         metrics,
         clients: Mutex::new(HashMap::new()),
+        in_flight: pull::InFlight::default(),
+        pinned: Mutex::new(HashMap::new()),
         store_lock: tokio::sync::Mutex::new(()),
         inventory_changed: tokio::sync::Notify::new(),
     });
@@ -496,11 +508,8 @@ async fn handle_done(
                     warn!(md = %key, error = %e, attempt = t.attempts, "transfer failed; retrying in {after:?}");
                     t.not_before = Some(Instant::now() + after);
                     let msg = format!("attempt {} failed: {e}; retrying in {}s", t.attempts, after.as_secs());
-                    let phase = if e.reason() == BlockerReason::InsufficientStorage {
-                        DeploymentPhase::Failed
-                    } else {
-                        DeploymentPhase::Downloading
-                    };
+                    let phase =
+                        if e.is_failure(t.attempts) { DeploymentPhase::Failed } else { DeploymentPhase::Downloading };
                     agent.write_status(md, &Report::blocked(phase, e.reason(), msg)).await;
                 }
                 None => {
@@ -602,15 +611,11 @@ impl Sync<'_> {
         let spec = &md.spec;
         if !is_safe_component(&spec.model) || !is_safe_component(&spec.version) {
             let msg = format!("model {:?} or version {:?} cannot name a directory", spec.model, spec.version);
-            agent
-                .write_status(md, &Report::blocked(DeploymentPhase::Failed, BlockerReason::DeploymentFailed, msg))
-                .await;
-            return Settled::Waiting;
+            return self.fail_for_good(md, BlockerReason::DeploymentFailed, msg).await;
         }
         let Some(digest) = artifact_digest(&spec.artifact) else {
             let msg = format!("artifact {:?} is not referenced by digest", spec.artifact);
-            agent.write_status(md, &Report::blocked(DeploymentPhase::Failed, BlockerReason::TransferFailed, msg)).await;
-            return Settled::Waiting;
+            return self.fail_for_good(md, BlockerReason::TransferFailed, msg).await;
         };
         let t = self.tracked.get_mut(&key).expect("tracked above");
         let state = agent.store.state(&spec.model);
@@ -648,13 +653,7 @@ impl Sync<'_> {
                 }
                 Err(e) => {
                     let msg = format!("activating kept version {}: {e}", spec.version);
-                    agent
-                        .write_status(
-                            md,
-                            &Report::blocked(DeploymentPhase::Failed, BlockerReason::DeploymentFailed, msg),
-                        )
-                        .await;
-                    return Settled::Waiting;
+                    return self.fail_for_good(md, BlockerReason::DeploymentFailed, msg).await;
                 }
             }
         }
@@ -666,6 +665,15 @@ impl Sync<'_> {
             return Settled::Waiting; // the failure's status stands until the retry
         }
         Settled::NeedsTransfer
+    }
+
+    /// Reports a failure only a change of the deployment can fix, and remembers it.
+    async fn fail_for_good(&mut self, md: &ModelDeployment, reason: BlockerReason, msg: String) -> Settled {
+        if let Some(t) = self.tracked.get_mut(&key_of(md)) {
+            t.failed = Some((reason, msg.clone()));
+        }
+        self.agent.write_status(md, &Report::blocked(DeploymentPhase::Failed, reason, msg)).await;
+        Settled::Waiting
     }
 
     /// Starts the most urgent wanted transfers within the limit; a waiting Critical one preempts
@@ -738,10 +746,14 @@ impl Sync<'_> {
                 }
             }
         }
-        let plans: Option<Vec<&PullPlan>> = unsettled.iter().map(|k| self.tracked.get(k)?.plan.as_ref()).collect();
-        if let Some(plans) = plans {
-            let keep: HashSet<String> = plans.into_iter().flat_map(|p| p.digests()).collect();
-            match agent.store.collect_garbage(&keep) {
+        // Blobs: keep those of every known plan and of every running transfer. Partials: only when
+        // the plan of every deployment that still needs bytes is known (else whose they are is not).
+        let mut keep: HashSet<String> =
+            self.tracked.values().filter_map(|t| t.plan.as_ref()).flat_map(|p| p.digests()).collect();
+        keep.extend(agent.pinned.lock().expect("pinned lock").values().flatten().cloned());
+        let all_known = unsettled.iter().all(|k| self.tracked.get(k).is_some_and(|t| t.plan.is_some()));
+        {
+            match agent.store.collect_garbage(&keep, all_known) {
                 Ok(0) => {}
                 Ok(freed) => {
                     info!(freed, "collected unused blobs and partial downloads");
@@ -813,6 +825,19 @@ async fn transfer(
             }
         }
     };
+    agent.pinned.lock().expect("pinned lock").insert(key_of(md), plan.digests());
+    let result = fetch_and_activate(agent, md, &source, &plan, cancel).await;
+    agent.pinned.lock().expect("pinned lock").remove(&key_of(md));
+    (Some(plan), result)
+}
+
+async fn fetch_and_activate(
+    agent: &Arc<Agent>,
+    md: &ModelDeployment,
+    source: &Source,
+    plan: &PullPlan,
+    cancel: &CancellationToken,
+) -> Result<(u64, u64, u64), PullError> {
     let progress = Arc::new(Progress::default());
     let stop = CancellationToken::new();
     let reporter = {
@@ -844,13 +869,14 @@ async fn transfer(
     let started = Instant::now();
     let t = Transfer {
         store: &agent.store,
-        source: &source,
+        source,
         progress: &progress,
         cancel,
         limiter: agent.limiter.as_ref(),
         capacity: agent.opts.storage_capacity,
+        in_flight: &agent.in_flight,
     };
-    let fetched = pull::fetch_layers(&t, &plan).await;
+    let fetched = pull::fetch_layers(&t, plan).await;
     // Stopped and awaited, so no progress write lands after the final status.
     stop.cancel();
     let _ = reporter.await;
@@ -860,9 +886,7 @@ async fn transfer(
         progress.total.load(Ordering::Relaxed),
     );
     agent.metrics.fetched.inc_by(bytes.0);
-    if let Err(e) = fetched {
-        return (Some(plan), Err(e));
-    }
+    fetched?;
     agent.metrics.reused.inc_by(bytes.1);
     debug!(md = %key_of(md), elapsed = ?started.elapsed(), fetched = bytes.0, "layers fetched and verified");
     let report = Report { bytes: Some(bytes), ..Report::phase(DeploymentPhase::Loading) };
@@ -875,6 +899,10 @@ async fn transfer(
     };
     let activated = {
         let _guard = agent.store_lock.lock().await;
+        // Superseded (spec changed, preempted) after the bytes arrived: do not switch to it.
+        if cancel.is_cancelled() {
+            return Err(PullError::Cancelled);
+        }
         agent
             .store
             .materialize(&md.spec.model, &record)
@@ -883,8 +911,5 @@ async fn transfer(
     };
     agent.inventory_changed.notify_one();
     debug!(md = %key_of(md), elapsed = ?started.elapsed(), "activated");
-    match activated {
-        Ok(()) => (Some(plan), Ok(bytes)),
-        Err(e) => (Some(plan), Err(PullError::Io(e))),
-    }
+    activated.map(|()| bytes).map_err(PullError::Io)
 }

@@ -76,6 +76,10 @@ pub enum PullError {
     Cancelled,
 }
 
+/// Consecutive failures after which a registry error other than an outage is reported as Failed
+/// (a deleted blob, refused credentials): it keeps being retried, slowly, in case it is fixed.
+pub const ATTEMPTS_BEFORE_FAILED: u32 = 5;
+
 fn is_enospc(e: &std::io::Error) -> bool {
     e.raw_os_error() == Some(libc::ENOSPC) || e.kind() == std::io::ErrorKind::StorageFull
 }
@@ -91,11 +95,28 @@ impl PullError {
         }
     }
 
+    /// Whether the `attempt`-th failure in a row is reported as Failed (counted by the rollout's
+    /// failure threshold) rather than as a blocker of a transfer that goes on. An unreachable
+    /// registry is an outage, never a failure.
+    pub fn is_failure(&self, attempt: u32) -> bool {
+        match self {
+            PullError::Registry(OciError::Unreachable { .. }) | PullError::Cancelled => false,
+            PullError::Registry(_) | PullError::Io(_) => {
+                attempt >= ATTEMPTS_BEFORE_FAILED || self.reason() == BlockerReason::InsufficientStorage
+            }
+            _ => true,
+        }
+    }
+
     /// When to try again after the `attempt`-th failure in a row; none for failures that only a
     /// change of the artifact can fix (a bad digest, a bad title, too large).
     pub fn retry_after(&self, attempt: u32) -> Option<Duration> {
         let backoff = Duration::from_secs((1u64 << attempt.min(6)).min(60));
         match self {
+            PullError::Registry(OciError::Unreachable { .. }) => Some(backoff),
+            PullError::Registry(e) if e.is_transient() && attempt >= ATTEMPTS_BEFORE_FAILED => {
+                Some(Duration::from_secs(300))
+            }
             PullError::Registry(e) if e.is_transient() => Some(backoff),
             PullError::InsufficientStorage { .. } => Some(Duration::from_secs(60)),
             PullError::Io(e) if is_enospc(e) => Some(Duration::from_secs(60)),
@@ -269,6 +290,27 @@ pub struct Transfer<'a> {
     pub limiter: Option<&'a RateLimiter>,
     /// Most bytes the store may occupy (`--storage-capacity`).
     pub capacity: Option<u64>,
+    /// Layers being downloaded by any transfer of the agent.
+    pub in_flight: &'a InFlight,
+}
+
+/// One download per layer digest at a time, agent-wide: two transfers sharing a layer (a common
+/// tokenizer) must not write one partial file together. The second waits, then finds the blob.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    locks: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl InFlight {
+    async fn lock(&self, digest: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = self.locks.lock().expect("in-flight lock").entry(digest.to_string()).or_default().clone();
+        m.lock_owned().await
+    }
+
+    /// Whether some transfer is downloading `digest` now.
+    pub fn is_busy(&self, digest: &str) -> bool {
+        self.locks.lock().expect("in-flight lock").get(digest).is_some_and(|m| m.try_lock().is_err())
+    }
 }
 
 /// Layers of one pull fetched at the same time.
@@ -297,7 +339,7 @@ pub async fn fetch_layers(t: &Transfer<'_>, plan: &PullPlan) -> Result<(), PullE
     let needed: u64 = missing.iter().map(|f| f.size).sum::<u64>() - fetched_before;
     let (free, _) = t.store.space(t.capacity)?;
     if needed > free {
-        discard_partials(t.store, plan);
+        discard_partials(t.store, t.in_flight, plan);
         return Err(PullError::InsufficientStorage { needed, free });
     }
     let r = parse_reference(&plan.artifact)?;
@@ -310,7 +352,7 @@ pub async fn fetch_layers(t: &Transfer<'_>, plan: &PullPlan) -> Result<(), PullE
             Ok(()) => {}
             Err(PullError::Io(e)) if is_enospc(&e) => {
                 drop(fetches);
-                discard_partials(t.store, plan);
+                discard_partials(t.store, t.in_flight, plan);
                 let free = t.store.space(t.capacity).map(|s| s.0).unwrap_or(0);
                 return Err(PullError::InsufficientStorage { needed, free });
             }
@@ -321,8 +363,8 @@ pub async fn fetch_layers(t: &Transfer<'_>, plan: &PullPlan) -> Result<(), PullE
 }
 
 /// Removes the plan's partial downloads (after running out of space: nothing half-written stays).
-pub fn discard_partials(store: &Store, plan: &PullPlan) {
-    for f in &plan.files {
+pub fn discard_partials(store: &Store, in_flight: &InFlight, plan: &PullPlan) {
+    for f in plan.files.iter().filter(|f| !in_flight.is_busy(&f.digest)) {
         if let Ok(p) = store.partial_path(&f.digest) {
             let _ = std::fs::remove_file(p);
         }
@@ -382,6 +424,16 @@ impl LayerWriter {
 }
 
 async fn fetch_blob(t: &Transfer<'_>, r: &Reference, f: &FileLayer) -> Result<(), PullError> {
+    let _only_writer = tokio::select! {
+        _ = t.cancel.cancelled() => return Err(PullError::Cancelled),
+        guard = t.in_flight.lock(&f.digest) => guard,
+    };
+    if t.store.has_blob(&f.digest, f.size) {
+        // Another transfer fetched it meanwhile.
+        t.progress.fetched.fetch_sub(t.store.partial_len(&f.digest).min(f.size), Ordering::Relaxed);
+        t.progress.reused.fetch_add(f.size, Ordering::Relaxed);
+        return Ok(());
+    }
     let partial = t.store.partial_path(&f.digest)?;
     let mut offset = t.store.partial_len(&f.digest);
     if offset > f.size {
@@ -393,9 +445,18 @@ async fn fetch_blob(t: &Transfer<'_>, r: &Reference, f: &FileLayer) -> Result<()
         let desc = OciDescriptor { digest: f.digest.clone(), size: f.size as i64, ..Default::default() };
         let response = tokio::select! {
             _ = t.cancel.cancelled() => return Err(PullError::Cancelled),
-            res = t.source.client.pull_blob_stream_partial(r, &desc, offset, None) => {
-                res.map_err(|e| OciError::from_client(&reference, e))?
+            res = t.source.client.pull_blob_stream_partial(r, &desc, offset, None) => res,
+        };
+        let response = match response {
+            Ok(r) => r,
+            // 416: the partial is longer than the registry's blob: it cannot be resumed; start over.
+            Err(oci_client::errors::OciDistributionError::ServerError { code: 416, .. }) if offset > 0 => {
+                let _ = tokio::fs::remove_file(&partial).await;
+                t.progress.fetched.fetch_sub(offset, Ordering::Relaxed);
+                let message = "the partial download is longer than the registry's blob; starting over".into();
+                return Err(OciError::Unreachable { reference, message }.into());
             }
+            Err(e) => return Err(OciError::from_client(&reference, e).into()),
         };
         stream = Some(match response {
             BlobResponse::Partial(s) => s.stream,
@@ -455,8 +516,13 @@ async fn fetch_blob(t: &Transfer<'_>, r: &Reference, f: &FileLayer) -> Result<()
         None => {}
     }
     if offset < f.size {
-        let message = format!("the blob ended after {offset} of {} bytes", f.size);
-        return Err(OciError::Unreachable { reference, message }.into());
+        // A clean end before the declared size: the registry's blob is shorter than its descriptor
+        // (a cut connection surfaces as a stream error above). Resuming would only ask past its end.
+        let _ = tokio::fs::remove_file(&partial).await;
+        return Err(PullError::BadArtifact {
+            artifact: reference,
+            why: format!("{}: the registry's blob ended after {offset} of the {} declared bytes", f.title, f.size),
+        });
     }
     let actual = format!("sha256:{:x}", hasher.finalize());
     if actual != f.digest {
@@ -528,5 +594,12 @@ mod tests {
         assert_eq!(full.reason(), BlockerReason::InsufficientStorage);
         let mismatch = PullError::DigestMismatch { title: "t".into(), expected: "a".into(), actual: "b".into() };
         assert_eq!((mismatch.reason(), mismatch.retry_after(0)), (BlockerReason::TransferFailed, None));
+        assert!(mismatch.is_failure(1));
+        // An outage is never a failure; a missing blob or refused credentials become one after a few tries.
+        assert!(!unreachable.is_failure(100));
+        let missing = PullError::Registry(OciError::NotFound("r@d".into()));
+        assert!(!missing.is_failure(1) && missing.is_failure(ATTEMPTS_BEFORE_FAILED));
+        assert_eq!(missing.retry_after(ATTEMPTS_BEFORE_FAILED), Some(Duration::from_secs(300)));
+        assert!(full.is_failure(1), "a full disk is reported at once");
     }
 }

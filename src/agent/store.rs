@@ -61,6 +61,7 @@ pub fn is_safe_component(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
         && !s.starts_with('.')
+        && s != "current"
         && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+'))
 }
 
@@ -108,13 +109,33 @@ fn now_seconds() -> i64 {
 }
 
 impl Store {
-    /// Opens (creating) the store at `root`.
+    /// Opens (creating) the store at `root`, and removes what an interrupted activation left:
+    /// staging and trash directories, and version directories its state file does not list.
     pub fn open(root: &Path) -> io::Result<Store> {
         let root = std::path::absolute(root)?;
         for d in ["blobs/sha256", "tmp", "models"] {
             std::fs::create_dir_all(root.join(d))?;
         }
-        Ok(Store { root })
+        let store = Store { root };
+        for model in store.models() {
+            let state = store.state(&model);
+            let current = store.current(&model);
+            for e in std::fs::read_dir(store.model_dir(&model))?.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                let listed = state.get(&name).is_some() || current.as_deref() == Some(name.as_str());
+                let leftover = name.starts_with(".staging-") || name.starts_with(".trash-") || name == ".current.tmp";
+                let unlisted_version = e.file_type().is_ok_and(|t| t.is_dir()) && !name.starts_with('.') && !listed;
+                if leftover || unlisted_version {
+                    let path = e.path();
+                    let _ = if path.is_dir() && !path.is_symlink() {
+                        std::fs::remove_dir_all(&path)
+                    } else {
+                        std::fs::remove_file(&path)
+                    };
+                }
+            }
+        }
+        Ok(store)
     }
 
     /// The store's root directory.
@@ -220,19 +241,20 @@ impl Store {
         let final_dir = self.version_dir(model, &record.version);
         let mut state = self.state(model);
         if final_dir.exists() {
-            // Same version name, other bytes: move `current` to the staging dir first if it points here.
-            let was_current = self.current(model).as_deref() == Some(record.version.as_str());
-            if was_current {
-                self.point_current(model, staging.file_name().expect("named").to_str().expect("utf-8"))?;
+            // Same version name, other bytes: swap the two directories in one step, so `current`
+            // (which names the version) never points at nothing; then drop the old contents.
+            match exchange(&staging, &final_dir) {
+                Ok(()) => std::fs::remove_dir_all(&staging)?,
+                // A filesystem without RENAME_EXCHANGE: two renames (a moment without the version).
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => {
+                    let trash = model_dir.join(format!(".trash-{}", record.version));
+                    let _ = std::fs::remove_dir_all(&trash);
+                    std::fs::rename(&final_dir, &trash)?;
+                    std::fs::rename(&staging, &final_dir)?;
+                    std::fs::remove_dir_all(&trash)?;
+                }
+                Err(e) => return Err(e),
             }
-            let trash = model_dir.join(format!(".trash-{}", record.version));
-            let _ = std::fs::remove_dir_all(&trash);
-            std::fs::rename(&final_dir, &trash)?;
-            std::fs::rename(&staging, &final_dir)?;
-            if was_current {
-                self.point_current(model, &record.version)?;
-            }
-            std::fs::remove_dir_all(&trash)?;
         } else {
             std::fs::rename(&staging, &final_dir)?;
         }
@@ -242,6 +264,7 @@ impl Store {
     }
 
     fn point_current(&self, model: &str, target: &str) -> io::Result<()> {
+        debug_assert!(is_safe_component(target));
         let dir = self.model_dir(model);
         let tmp = dir.join(".current.tmp");
         let _ = std::fs::remove_file(&tmp);
@@ -309,13 +332,17 @@ impl Store {
     }
 
     /// Removes blobs no version uses and that `keep` does not name (digests of transfers under
-    /// way), and partial downloads `keep` does not name. Returns the bytes freed.
-    pub fn collect_garbage(&self, keep: &HashSet<String>) -> io::Result<u64> {
+    /// way), and, with `partials`, partial downloads `keep` does not name. Returns the bytes freed.
+    pub fn collect_garbage(&self, keep: &HashSet<String>, partials: bool) -> io::Result<u64> {
         let mut wanted = self.referenced_blobs();
         wanted.extend(keep.iter().cloned());
         let wanted_hex: HashSet<&str> = wanted.iter().filter_map(|d| digest_hex(d).ok()).collect();
         let mut freed = 0;
-        for (dir, suffix) in [(self.root.join("blobs/sha256"), ""), (self.root.join("tmp"), ".partial")] {
+        let mut dirs = vec![(self.root.join("blobs/sha256"), "")];
+        if partials {
+            dirs.push((self.root.join("tmp"), ".partial"));
+        }
+        for (dir, suffix) in dirs {
             for e in std::fs::read_dir(&dir)?.flatten() {
                 let name = e.file_name().to_string_lossy().to_string();
                 let hex = name.strip_suffix(suffix).unwrap_or(&name);
@@ -355,6 +382,17 @@ impl Store {
     }
 }
 
+/// Atomically exchanges two directories (`renameat2(RENAME_EXCHANGE)`, Linux 3.15+ on ext4, xfs,
+/// btrfs, tmpfs …).
+fn exchange(a: &Path, b: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let ca = std::ffi::CString::new(a.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let cb = std::ffi::CString::new(b.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: two valid NUL-terminated paths, AT_FDCWD for both.
+    let r = unsafe { libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE) };
+    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,6 +426,7 @@ mod tests {
         assert_eq!(validate_title("./model.onnx").unwrap(), PathBuf::from("model.onnx"));
         assert!(digest_hex("sha256:../../x").is_err());
         assert!(!is_safe_component("../x") && !is_safe_component(".hidden") && is_safe_component("4.2.1-rc.1"));
+        assert!(!is_safe_component("current"), "would collide with the symlink");
     }
 
     #[test]
@@ -409,12 +448,12 @@ mod tests {
         assert!(!store.version_dir("m", "1.0.0").exists() && store.version_dir("m", "2.0.0").exists());
         let orphan = put_blob(&store, b"nobody wants me");
         std::fs::write(store.partial_path(&orphan).unwrap(), b"part").unwrap();
-        let freed = store.collect_garbage(&HashSet::new()).unwrap();
+        let freed = store.collect_garbage(&HashSet::new(), true).unwrap();
         assert_eq!(freed, 15 + 4);
         assert!(store.has_blob(&a, 10) && store.has_blob(&b, 10) && !store.has_blob(&orphan, 15));
         store.remove_model("m").unwrap();
         assert!(store.models().is_empty());
-        store.collect_garbage(&HashSet::new()).unwrap();
+        store.collect_garbage(&HashSet::new(), true).unwrap();
         assert!(!store.has_blob(&a, 10));
     }
 
@@ -430,5 +469,25 @@ mod tests {
         assert_eq!(store.current("m").as_deref(), Some("1.0.0"));
         assert_eq!(std::fs::read(dir.path().join("models/m/current/w")).unwrap(), b"bbbb");
         assert_eq!(store.state("m").versions.len(), 1);
+    }
+
+    #[test]
+    fn reopening_removes_what_an_interrupted_activation_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let a = put_blob(&store, b"aaaa");
+        store.materialize("m", &record("1.0.0", &[("w", &a, 4)])).unwrap();
+        store.activate("m", "1.0.0").unwrap();
+        for leftover in [".staging-2.0.0", ".trash-1.0.0", "3.0.0"] {
+            std::fs::create_dir_all(dir.path().join("models/m").join(leftover).join("x")).unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(dir.path().join("models/m"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        left.sort();
+        assert_eq!(left, vec![".peat-state.json", "1.0.0", "current"]);
+        assert_eq!(store.current("m").as_deref(), Some("1.0.0"));
     }
 }
