@@ -111,6 +111,7 @@ impl Setup {
                 && let Some(s) = &r.status
                 && s.phase == RolloutPhase::Converged
                 && s.resolved_version.as_deref() == Some(version)
+                && s.observed_generation == r.metadata.generation
                 && s.converged as usize == agents.len()
             {
                 return r;

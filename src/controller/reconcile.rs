@@ -283,7 +283,10 @@ async fn apply(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result<Action, Error>
     if let Some(note) = resolved_note {
         // Pin at once: should anything below fail, the retry must not read the tag again.
         let api: Api<ModelRollout> = Api::namespaced(ctx.client.clone(), &ns);
-        let patch = json!({"status": {"resolvedVersion": target.version, "resolvedDigest": target.digest}});
+        // A fresh resolution is a new target: the phase must not say Converged (of the old one)
+        // in the moment before the full status below is written.
+        let patch = json!({"status": {"resolvedVersion": target.version, "resolvedDigest": target.digest,
+                                      "phase": RolloutPhase::Progressing}});
         api.patch_status(&r.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
         ctx.metrics.status_writes.inc();
         publish(&ctx, &r, EventType::Normal, "Resolved", note).await;
