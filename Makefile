@@ -64,6 +64,7 @@ demo:
 bench: testenv-bins bench-tools
 	$(CARGO) bench --bench controller_scale
 	$(CARGO) bench --bench pull
+	$(CARGO) bench --bench delta
 
 ## bench-tools: skopeo (Debian), the pull benchmark's second baseline (oras comes with testenv-bins)
 bench-tools:

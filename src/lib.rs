@@ -7,6 +7,7 @@ pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod controller;
+pub mod delta;
 pub mod oci;
 pub mod plan;
 pub mod telemetry;

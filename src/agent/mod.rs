@@ -875,6 +875,8 @@ async fn fetch_and_activate(
         limiter: agent.limiter.as_ref(),
         capacity: agent.opts.storage_capacity,
         in_flight: &agent.in_flight,
+        delta: md.spec.delta,
+        model: &md.spec.model,
     };
     let fetched = pull::fetch_layers(&t, plan).await;
     // Stopped and awaited, so no progress write lands after the final status.

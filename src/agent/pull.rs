@@ -147,6 +147,8 @@ pub struct PullPlan {
     pub manifest_digest: String,
     /// Its files.
     pub files: Vec<FileLayer>,
+    /// Chunk-index layers by the digest of the file layer they index: (index digest, size).
+    pub chunk_indexes: std::collections::BTreeMap<String, (String, u64)>,
 }
 
 impl PullPlan {
@@ -201,7 +203,20 @@ pub fn plan_from_manifest(
     if files.is_empty() {
         return Err(bad("no layer carries a file title (org.opencontainers.image.title)".into()));
     }
-    let plan = PullPlan { artifact: artifact.to_string(), manifest_digest: manifest_digest.to_string(), files };
+    // Chunk indexes are optional: a layer without one (or with a malformed one) is pulled whole.
+    let chunk_indexes = manifest
+        .layers
+        .iter()
+        .filter(|l| {
+            l.media_type == crate::oci::layout::MEDIA_CHUNK_INDEX && l.size > 0 && digest_hex(&l.digest).is_ok()
+        })
+        .filter_map(|l| {
+            let of = l.annotations.as_ref()?.get(crate::oci::layout::ANN_CHUNKS_OF)?;
+            Some((of.clone(), (l.digest.clone(), l.size as u64)))
+        })
+        .collect();
+    let plan =
+        PullPlan { artifact: artifact.to_string(), manifest_digest: manifest_digest.to_string(), files, chunk_indexes };
     if let Some(max) = max_size
         && plan.total() > max
     {
@@ -265,7 +280,7 @@ impl RateLimiter {
         RateLimiter { bytes_per_second: bytes_per_second.max(1) as f64, next: tokio::sync::Mutex::new(Instant::now()) }
     }
 
-    async fn acquire(&self, bytes: usize) {
+    pub(crate) async fn acquire(&self, bytes: usize) {
         let start = {
             let mut next = self.next.lock().await;
             let start = (*next).max(Instant::now());
@@ -292,6 +307,10 @@ pub struct Transfer<'a> {
     pub capacity: Option<u64>,
     /// Layers being downloaded by any transfer of the agent.
     pub in_flight: &'a InFlight,
+    /// Fetch only the chunks the store lacks, where the artifact has chunk indexes.
+    pub delta: bool,
+    /// The model (its earlier versions' files are indexed for delta transfers).
+    pub model: &'a str,
 }
 
 /// One download per layer digest at a time, agent-wide: two transfers sharing a layer (a common
@@ -302,7 +321,7 @@ pub struct InFlight {
 }
 
 impl InFlight {
-    async fn lock(&self, digest: &str) -> tokio::sync::OwnedMutexGuard<()> {
+    pub(crate) async fn lock(&self, digest: &str) -> tokio::sync::OwnedMutexGuard<()> {
         let m = self.locks.lock().expect("in-flight lock").entry(digest.to_string()).or_default().clone();
         m.lock_owned().await
     }
@@ -343,9 +362,30 @@ pub async fn fetch_layers(t: &Transfer<'_>, plan: &PullPlan) -> Result<(), PullE
         return Err(PullError::InsufficientStorage { needed, free });
     }
     let r = parse_reference(&plan.artifact)?;
+    // Delta: the chunk indexes of the missing layers, and the chunks the store holds.
+    let mut indexes = std::collections::HashMap::new();
+    if t.delta {
+        for f in &missing {
+            let Some((digest, size)) = plan.chunk_indexes.get(&f.digest) else { continue };
+            match crate::delta::fetch::fetch_index(t, &r, digest, *size, f).await {
+                Ok(index) => {
+                    indexes.insert(f.digest.clone(), index);
+                }
+                Err(PullError::Cancelled) => return Err(PullError::Cancelled),
+                Err(e) => tracing::warn!(layer = %f.title, error = %e, "chunk index unusable; pulling the layer whole"),
+            }
+        }
+    }
+    let local = match indexes.values().next() {
+        // Only worth indexing the store when there is something in it.
+        Some(_) if t.store.models().is_empty() && t.store.referenced_blobs().is_empty() => None,
+        Some(first) => Some(crate::delta::fetch::LocalChunks::build(t.store, t.model, first.params()).await),
+        None => None,
+    };
     // A few layers at once: one stream rarely fills a link (or a core hashing), several do.
     // (Futures made up front: a mapping closure inside the stream defeats `Send` inference in tokio::spawn.)
-    let futures: Vec<_> = missing.into_iter().map(|f| fetch_blob(t, &r, f)).collect();
+    let futures: Vec<_> =
+        missing.into_iter().map(|f| fetch_layer(t, &r, f, indexes.get(&f.digest), local.as_ref())).collect();
     let mut fetches = futures::stream::iter(futures).buffer_unordered(LAYERS_IN_FLIGHT);
     while let Some(result) = fetches.next().await {
         match result {
@@ -362,6 +402,37 @@ pub async fn fetch_layers(t: &Transfer<'_>, plan: &PullPlan) -> Result<(), PullE
     Ok(())
 }
 
+/// One layer: by delta when it has a chunk index and the store holds some of its chunks, falling
+/// back to a whole pull on any mismatch or error; else whole.
+async fn fetch_layer(
+    t: &Transfer<'_>,
+    r: &Reference,
+    f: &FileLayer,
+    index: Option<&crate::delta::chunk_index::ChunkIndex>,
+    local: Option<&crate::delta::fetch::LocalChunks>,
+) -> Result<(), PullError> {
+    if let (Some(index), Some(local)) = (index, local)
+        && local.covers_any(index)
+    {
+        match crate::delta::fetch::fetch_layer_delta(t, r, f, index, local).await {
+            Ok(()) => return Ok(()),
+            Err(e @ PullError::Cancelled) => return Err(e),
+            Err(PullError::Io(e)) if is_enospc(&e) => return Err(PullError::Io(e)),
+            Err(e) => {
+                tracing::warn!(layer = %f.title, error = %e, "delta transfer failed; pulling the layer whole");
+                let _ = tokio::fs::remove_file(t.store.partial_path(&f.digest)?).await;
+            }
+        }
+    }
+    fetch_blob(t, r, f).await?;
+    // Its index is kept: a later version's delta transfer reuses this blob's chunks without
+    // re-chunking it.
+    if let Some(index) = index {
+        crate::delta::fetch::save_index(t.store, index);
+    }
+    Ok(())
+}
+
 /// Removes the plan's partial downloads (after running out of space: nothing half-written stays).
 pub fn discard_partials(store: &Store, in_flight: &InFlight, plan: &PullPlan) {
     for f in plan.files.iter().filter(|f| !in_flight.is_busy(&f.digest)) {
@@ -373,15 +444,21 @@ pub fn discard_partials(store: &Store, in_flight: &InFlight, plan: &PullPlan) {
 
 /// Hashes and appends a layer's bytes on a blocking thread, so the runtime threads only move bytes
 /// off the socket (hashing 1 GiB is seconds of CPU).
-struct LayerWriter {
-    tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
+pub(crate) struct LayerWriter {
+    tx: tokio::sync::mpsc::Sender<Piece>,
     handle: tokio::task::JoinHandle<std::io::Result<Sha256>>,
+}
+
+/// What the writer appends: bytes from the wire, or a range of a local file (a reused chunk).
+pub(crate) enum Piece {
+    Bytes(bytes::Bytes),
+    Copy { path: std::path::PathBuf, offset: u64, len: u64 },
 }
 
 impl LayerWriter {
     /// Opens `path`, keeps its first `keep` bytes (hashing them) and appends what follows.
-    fn start(path: std::path::PathBuf, keep: u64) -> LayerWriter {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
+    pub(crate) fn start(path: std::path::PathBuf, keep: u64) -> LayerWriter {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Piece>(16);
         let handle = tokio::task::spawn_blocking(move || {
             use std::io::{Read, Seek, Write};
             let mut hasher = Sha256::new();
@@ -400,10 +477,38 @@ impl LayerWriter {
                 }
             }
             file.seek(std::io::SeekFrom::End(0))?;
-            let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-            while let Some(chunk) = rx.blocking_recv() {
-                out.write_all(&chunk)?;
-                hasher.update(&chunk);
+            // A small buffer: what it holds is lost to a SIGKILL and fetched again after the restart.
+            let mut out = std::io::BufWriter::with_capacity(256 << 10, file);
+            let mut buf = Vec::new();
+            while let Some(piece) = rx.blocking_recv() {
+                match piece {
+                    Piece::Bytes(chunk) => {
+                        out.write_all(&chunk)?;
+                        hasher.update(&chunk);
+                    }
+                    Piece::Copy { path, offset, len } => {
+                        let mut src = std::fs::File::open(&path)?;
+                        src.seek(std::io::SeekFrom::Start(offset))?;
+                        let mut src = src.take(len);
+                        buf.resize(1 << 20, 0);
+                        let mut copied = 0;
+                        loop {
+                            let n = src.read(&mut buf)?;
+                            if n == 0 {
+                                break;
+                            }
+                            out.write_all(&buf[..n])?;
+                            hasher.update(&buf[..n]);
+                            copied += n as u64;
+                        }
+                        if copied != len {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::UnexpectedEof,
+                                format!("{} is shorter than a chunk it should hold", path.display()),
+                            ));
+                        }
+                    }
+                }
             }
             out.flush()?;
             Ok(hasher)
@@ -412,12 +517,17 @@ impl LayerWriter {
     }
 
     /// Queues a chunk; false when the writer stopped (its error comes from [`LayerWriter::finish`]).
-    async fn write(&self, chunk: bytes::Bytes) -> bool {
-        self.tx.send(chunk).await.is_ok()
+    pub(crate) async fn write(&self, chunk: bytes::Bytes) -> bool {
+        self.tx.send(Piece::Bytes(chunk)).await.is_ok()
+    }
+
+    /// Queues a range of a local file.
+    pub(crate) async fn copy(&self, path: std::path::PathBuf, offset: u64, len: u64) -> bool {
+        self.tx.send(Piece::Copy { path, offset, len }).await.is_ok()
     }
 
     /// Waits for everything queued to be written; returns the hash of the whole file.
-    async fn finish(self) -> std::io::Result<Sha256> {
+    pub(crate) async fn finish(self) -> std::io::Result<Sha256> {
         drop(self.tx);
         self.handle.await.map_err(std::io::Error::other)?
     }

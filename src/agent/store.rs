@@ -113,7 +113,7 @@ impl Store {
     /// staging and trash directories, and version directories its state file does not list.
     pub fn open(root: &Path) -> io::Result<Store> {
         let root = std::path::absolute(root)?;
-        for d in ["blobs/sha256", "tmp", "models"] {
+        for d in ["blobs/sha256", "tmp", "models", "chunks"] {
             std::fs::create_dir_all(root.join(d))?;
         }
         let store = Store { root };
@@ -151,6 +151,11 @@ impl Store {
     /// Where a partial download of a blob lives.
     pub fn partial_path(&self, digest: &str) -> io::Result<PathBuf> {
         Ok(self.root.join("tmp").join(format!("{}.partial", digest_hex(digest)?)))
+    }
+
+    /// Where the chunk index of a local blob is kept (for delta transfers of later versions).
+    pub fn chunk_index_path(&self, digest: &str) -> io::Result<PathBuf> {
+        Ok(self.root.join("chunks").join(format!("{}.json", digest_hex(digest)?)))
     }
 
     /// Whether a verified blob of this digest and size is in the store.
@@ -338,7 +343,7 @@ impl Store {
         wanted.extend(keep.iter().cloned());
         let wanted_hex: HashSet<&str> = wanted.iter().filter_map(|d| digest_hex(d).ok()).collect();
         let mut freed = 0;
-        let mut dirs = vec![(self.root.join("blobs/sha256"), "")];
+        let mut dirs = vec![(self.root.join("blobs/sha256"), ""), (self.root.join("chunks"), ".json")];
         if partials {
             dirs.push((self.root.join("tmp"), ".partial"));
         }

@@ -51,6 +51,27 @@ fn file_layer(path: &str, digest: String, size: u64) -> OciDescriptor {
     }
 }
 
+/// Pushes a file's chunk index as a blob; returns its layer descriptor (no title: not a file).
+async fn push_chunk_index(
+    client: &oci_client::Client,
+    r: &oci_client::Reference,
+    index: &crate::delta::chunk_index::ChunkIndex,
+) -> Result<OciDescriptor, oci_client::errors::OciDistributionError> {
+    let json = serde_json::to_vec(index).expect("an index serializes");
+    let digest = sha256_digest(&json);
+    if !client.blob_exists(r, &digest).await? {
+        client.push_blob(r, json.clone(), &digest).await?;
+    }
+    Ok(OciDescriptor {
+        media_type: MEDIA_CHUNK_INDEX.into(),
+        digest,
+        size: json.len() as i64,
+        urls: None,
+        annotations: Some(BTreeMap::from([(ANN_CHUNKS_OF.to_string(), index.digest.clone())])),
+        artifact_type: None,
+    })
+}
+
 /// Pushes in-memory files as a variant of `<repository>:<version>` and adds it to (or replaces it in)
 /// the version's index. Returns the variant manifest's digest. For small artifacts (tests, the demo);
 /// [`push_dir`] streams files from disk.
@@ -66,11 +87,16 @@ pub async fn push_variant_bytes(
     let r = parse_reference(&tag_ref)?;
     client.store_auth_if_needed(r.resolve_registry(), auth).await;
     let mut layers = Vec::new();
+    let mut indexes = Vec::new();
+    let err = |e| OciError::from_client(&tag_ref, e);
     for (path, data) in files {
         let digest = sha256_digest(data);
-        client.push_blob(&r, data.clone(), &digest).await.map_err(|e| OciError::from_client(&tag_ref, e))?;
+        client.push_blob(&r, data.clone(), &digest).await.map_err(err)?;
         layers.push(file_layer(path, digest, data.len() as u64));
+        let index = crate::delta::chunk_index::index_bytes(data, crate::delta::chunk_index::DEFAULT_PARAMS);
+        indexes.push(push_chunk_index(client, &r, &index).await.map_err(err)?);
     }
+    layers.extend(indexes);
     push_variant_manifest(client, auth, repository, version, meta, layers).await
 }
 
@@ -140,21 +166,18 @@ pub fn model_files(dir: &std::path::Path) -> Result<Vec<ModelFile>, PushError> {
     Ok(out)
 }
 
-/// sha256 of a file, read in 1 MiB blocks (never whole), reporting progress.
-pub async fn sha256_file(path: &std::path::Path, on_bytes: &(dyn Fn(u64) + Sync)) -> std::io::Result<String> {
-    use tokio::io::AsyncReadExt;
-    let mut f = tokio::fs::File::open(path).await?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        on_bytes(n as u64);
+/// Counts bytes read for hashing.
+struct ProgressReader<R> {
+    inner: R,
+    progress: std::sync::Arc<dyn PushProgress>,
+}
+
+impl<R: std::io::Read> std::io::Read for ProgressReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.progress.hashed(n as u64);
+        Ok(n)
     }
-    Ok(format!("sha256:{:x}", hasher.finalize()))
 }
 
 /// Progress callbacks of [`push_dir`]: bytes hashed, then bytes uploaded (or skipped as already present).
@@ -190,10 +213,19 @@ pub async fn push_dir(
     client.store_auth_if_needed(r.resolve_registry(), auth).await;
     let oci = |e| PushError::Registry(OciError::from_client(&tag_ref, e));
     let mut layers = Vec::new();
+    let mut indexes = Vec::new();
     for f in &files {
         let local = |e: std::io::Error| PushError::Local { path: f.path.display().to_string(), message: e.to_string() };
-        let p = progress.clone();
-        let digest = sha256_file(&f.path, &move |n| p.hashed(n)).await.map_err(local)?;
+        // One read of the file for its digest and its chunk index, off the runtime.
+        let (path, p) = (f.path.clone(), progress.clone());
+        let (index, digest) = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(&path)?;
+            let reader = ProgressReader { inner: std::io::BufReader::with_capacity(1 << 20, file), progress: p };
+            crate::delta::chunk_index::index_reader(reader, crate::delta::chunk_index::DEFAULT_PARAMS)
+        })
+        .await
+        .map_err(|e| local(std::io::Error::other(e)))?
+        .map_err(local)?;
         if client.blob_exists(&r, &digest).await.map_err(oci)? {
             progress.uploaded(f.size);
         } else {
@@ -207,7 +239,9 @@ pub async fn push_dir(
             client.push_blob_stream(&r, stream, &digest, Some(f.size)).await.map_err(oci)?;
         }
         layers.push(file_layer(&f.title, digest, f.size));
+        indexes.push(push_chunk_index(client, &r, &index).await.map_err(oci)?);
     }
+    layers.extend(indexes);
     Ok(push_variant_manifest(client, auth, repository, version, meta, layers).await?)
 }
 
