@@ -40,17 +40,6 @@ async fn write_requests(client: &kube::Client) -> BTreeMap<String, f64> {
     out
 }
 
-fn peak_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    kb / 1024.0
-}
-
 async fn run(n: usize) -> Duration {
     let bench_start = Instant::now();
     let ctx = support::ctx(&format!("bench-{n}")).await;
@@ -180,7 +169,7 @@ async fn run(n: usize) -> Duration {
     // Only the controller's writes: the agents' status reports are the simulation's, not the controller's.
     let controller_writes = controller.metric("peat_controller_deployment_writes_total").await.unwrap_or(0.0)
         + controller.metric("peat_controller_status_writes_total").await.unwrap_or(0.0);
-    let rss = peak_rss_mib(controller.process.pid());
+    let rss = support::peak_rss_mib(controller.process.pid());
 
     println!(
         "  all {n} ModelDeployments exist after {:.2} s; floor: direct creates one by one {:.2} s (ratio {:.2}), 16 in flight {:.2} s (ratio {:.2})",

@@ -26,17 +26,6 @@ use sha2::{Digest, Sha256};
 const ROUNDS: usize = 2;
 const FILES: usize = 4;
 
-fn peak_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    kb / 1024.0
-}
-
 /// Flushes dirty pages, so one measurement does not pay for the previous one's writeback.
 fn settle_disk() {
     unsafe { libc::sync() };
@@ -125,7 +114,7 @@ async fn agent_pull(ctx: &support::Ctx, round: usize, artifact: &str, work: &Pat
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let took = start.elapsed();
-    let rss = peak_rss_mib(agent.process.pid());
+    let rss = support::peak_rss_mib(agent.process.pid());
     agent.kill();
     drop_dir(&store);
     (took, rss, done)

@@ -12,6 +12,23 @@ pub enum LogFormat {
     Json,
 }
 
+/// A token cancelled on SIGTERM or SIGINT (graceful shutdown of a long-running subcommand).
+pub fn shutdown_on_signals() -> tokio_util::sync::CancellationToken {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+        tracing::info!("shutting down");
+        token.cancel();
+    });
+    shutdown
+}
+
 /// Installs the global subscriber (once; later calls do nothing).
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube_lease_manager=warn"));

@@ -287,20 +287,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         Store::open(&opts.store).map_err(|e| anyhow::anyhow!("opening the store {}: {e}", opts.store.display()))?;
     let caps = capabilities::detect(&opts.capabilities);
     info!(node = %opts.node_name, store = %store.root().display(), ?caps, "starting");
-    let shutdown = CancellationToken::new();
-    {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {},
-                _ = term.recv() => {},
-            }
-            info!("shutting down");
-            shutdown.cancel();
-        });
-    }
+    let shutdown = crate::telemetry::shutdown_on_signals();
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
     let ready = Arc::new(AtomicBool::new(false));
@@ -444,14 +431,7 @@ async fn decision_loop(
         s.sync(&cache, &mut labels).await;
         tokio::select! {
             ev = events.recv() => match ev {
-                Some(Event::Done(done)) => {
-                    let Finished { key, artifact, plan, result } = *done;
-                    running.remove(&key);
-                    agent.metrics.active.set(running.len() as i64);
-                    let mds = cache.state();
-                    let md = mds.iter().find(|m| key_of(m) == key);
-                    handle_done(&agent, &mut tracked, md.map(|m| &**m), &key, artifact, plan, result).await;
-                }
+                Some(Event::Done(done)) => finished(&agent, &cache, &mut tracked, &mut running, *done).await,
                 Some(Event::Changed) => {}
                 None => return Ok(()),
             },
@@ -460,15 +440,26 @@ async fn decision_loop(
         // Coalesce a burst of events into one pass.
         while let Ok(ev) = events.try_recv() {
             if let Event::Done(done) = ev {
-                let Finished { key, artifact, plan, result } = *done;
-                running.remove(&key);
-                agent.metrics.active.set(running.len() as i64);
-                let mds = cache.state();
-                let md = mds.iter().find(|m| key_of(m) == key);
-                handle_done(&agent, &mut tracked, md.map(|m| &**m), &key, artifact, plan, result).await;
+                finished(&agent, &cache, &mut tracked, &mut running, *done).await;
             }
         }
     }
+}
+
+/// A transfer task ended: free its slot and record the outcome.
+async fn finished(
+    agent: &Agent,
+    cache: &Cache<ModelDeployment>,
+    tracked: &mut HashMap<String, Tracked>,
+    running: &mut HashMap<String, Running>,
+    done: Finished,
+) {
+    let Finished { key, artifact, plan, result } = done;
+    running.remove(&key);
+    agent.metrics.active.set(running.len() as i64);
+    let mds = cache.state();
+    let md = mds.iter().find(|m| key_of(m) == key);
+    handle_done(agent, tracked, md.map(|m| &**m), &key, artifact, plan, result).await;
 }
 
 async fn handle_done(

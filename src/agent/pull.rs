@@ -379,7 +379,10 @@ pub async fn fetch_layers(t: &Transfer<'_>, plan: &PullPlan) -> Result<(), PullE
     let local = match indexes.values().next() {
         // Only worth indexing the store when there is something in it.
         Some(_) if t.store.models().is_empty() && t.store.referenced_blobs().is_empty() => None,
-        Some(first) => Some(crate::delta::fetch::LocalChunks::build(t.store, t.model, first.params()).await),
+        Some(first) => {
+            let targets: Vec<_> = indexes.values().collect();
+            Some(crate::delta::fetch::LocalChunks::build(t.store, t.model, first.params(), &targets).await)
+        }
         None => None,
     };
     // A few layers at once: one stream rarely fills a link (or a core hashing), several do.
@@ -416,12 +419,12 @@ async fn fetch_layer(
     {
         match crate::delta::fetch::fetch_layer_delta(t, r, f, index, local).await {
             Ok(()) => return Ok(()),
-            Err(e @ PullError::Cancelled) => return Err(e),
-            Err(PullError::Io(e)) if is_enospc(&e) => return Err(PullError::Io(e)),
-            Err(e) => {
+            // The rebuild's partial was removed (under the layer's lock): start over, whole.
+            Err(e) if crate::delta::fetch::falls_back(&e) => {
                 tracing::warn!(layer = %f.title, error = %e, "delta transfer failed; pulling the layer whole");
-                let _ = tokio::fs::remove_file(t.store.partial_path(&f.digest)?).await;
             }
+            // An outage, a cancel, a full disk: the partial rebuild stays, the retry resumes it.
+            Err(e) => return Err(e),
         }
     }
     fetch_blob(t, r, f).await?;
@@ -634,17 +637,27 @@ async fn fetch_blob(t: &Transfer<'_>, r: &Reference, f: &FileLayer) -> Result<()
             why: format!("{}: the registry's blob ended after {offset} of the {} declared bytes", f.title, f.size),
         });
     }
+    verify_and_commit(t.store, f, &partial, hasher).await
+}
+
+/// The gate into `blobs/`: the whole file's sha256 must be the layer digest (else the partial is
+/// removed); then it is made durable and moved in.
+pub(crate) async fn verify_and_commit(
+    store: &Store,
+    f: &FileLayer,
+    partial: &std::path::Path,
+    hasher: Sha256,
+) -> Result<(), PullError> {
     let actual = format!("sha256:{:x}", hasher.finalize());
     if actual != f.digest {
-        let _ = tokio::fs::remove_file(&partial).await;
+        let _ = tokio::fs::remove_file(partial).await;
         return Err(PullError::DigestMismatch { title: f.title.clone(), expected: f.digest.clone(), actual });
     }
-    // Durable before it counts as verified in blobs/.
-    let synced = partial.clone();
+    let synced = partial.to_path_buf();
     tokio::task::spawn_blocking(move || std::fs::File::open(synced)?.sync_data())
         .await
         .map_err(std::io::Error::other)??;
-    t.store.commit_blob(&f.digest, &partial)?;
+    store.commit_blob(&f.digest, partial)?;
     Ok(())
 }
 

@@ -351,9 +351,12 @@ impl Store {
             for e in std::fs::read_dir(&dir)?.flatten() {
                 let name = e.file_name().to_string_lossy().to_string();
                 let hex = name.strip_suffix(suffix).unwrap_or(&name);
-                if !wanted_hex.contains(hex) {
+                if !wanted_hex.contains(hex) && !name.ends_with(".tmp") {
                     freed += e.metadata().map(|m| m.len()).unwrap_or(0);
-                    std::fs::remove_file(e.path())?;
+                    match std::fs::remove_file(e.path()) {
+                        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                        _ => {}
+                    }
                 }
             }
         }

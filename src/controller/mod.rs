@@ -161,20 +161,7 @@ fn scope_may_include(spec: &ModelRolloutSpec, node: &str) -> bool {
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     crate::telemetry::init(opts.log_format);
     let client = Client::try_default().await?;
-    let shutdown = CancellationToken::new();
-    {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {},
-                _ = term.recv() => {},
-            }
-            info!("shutting down");
-            shutdown.cancel();
-        });
-    }
+    let shutdown = crate::telemetry::shutdown_on_signals();
 
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::new(&mut registry);

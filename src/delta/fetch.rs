@@ -12,11 +12,10 @@ use futures::StreamExt;
 use oci_client::Reference;
 use oci_client::client::BlobResponse;
 use oci_client::manifest::OciDescriptor;
-use sha2::Digest;
 use tracing::{debug, info};
 
 use super::chunk_index::{ChunkIndex, Params, index_reader};
-use crate::agent::pull::{FileLayer, LayerWriter, PullError, Transfer};
+use crate::agent::pull::{FileLayer, LayerWriter, PullError, Transfer, verify_and_commit};
 use crate::agent::store::Store;
 use crate::oci::OciError;
 
@@ -50,25 +49,49 @@ pub async fn fetch_index(
     Ok(index)
 }
 
-/// Chunks held by the store: hash → (blob file, offset).
+/// A chunk hash as bytes (32, not a 64-character string: an index of the store holds one per 32 KiB).
+type Hash = [u8; 32];
+
+fn hash_of(hex: &str) -> Option<Hash> {
+    let mut out = [0u8; 32];
+    if hex.len() != 64 {
+        return None;
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Chunks held by the store that the layers being pulled need: hash → (source file, offset).
 pub struct LocalChunks {
     params: Params,
-    by_hash: HashMap<String, (PathBuf, u64)>,
+    files: Vec<(String, PathBuf)>,
+    by_hash: HashMap<Hash, (u32, u64)>,
 }
 
 impl LocalChunks {
-    /// Indexes what the store holds with `params`: kept indexes of any blob, and the blobs of the
-    /// model's versions on disk (indexed now when no index with these parameters is kept).
-    pub async fn build(store: &Store, model: &str, params: Params) -> LocalChunks {
+    /// Finds, among what the store holds, the chunks `targets` need: kept indexes of any blob
+    /// (with `params`), and the blobs of the model's versions on disk (indexed now when no index
+    /// with these parameters is kept). Memory is proportional to the targets' chunks.
+    pub async fn build(store: &Store, model: &str, params: Params, targets: &[&ChunkIndex]) -> LocalChunks {
+        let wanted: std::collections::HashSet<Hash> =
+            targets.iter().flat_map(|i| i.chunks.iter().filter_map(|c| hash_of(&c.1))).collect();
         let store = store.clone();
         let model = model.to_string();
-        tokio::task::spawn_blocking(move || LocalChunks::build_blocking(&store, &model, params))
+        tokio::task::spawn_blocking(move || LocalChunks::build_blocking(&store, &model, params, &wanted))
             .await
-            .unwrap_or(LocalChunks { params, by_hash: HashMap::new() })
+            .unwrap_or(LocalChunks { params, files: Vec::new(), by_hash: HashMap::new() })
     }
 
-    fn build_blocking(store: &Store, model: &str, params: Params) -> LocalChunks {
+    fn build_blocking(
+        store: &Store,
+        model: &str,
+        params: Params,
+        wanted: &std::collections::HashSet<Hash>,
+    ) -> LocalChunks {
         let mut by_hash = HashMap::new();
+        let mut files = Vec::new();
         let mut blobs: Vec<String> =
             store.state(model).versions.iter().flat_map(|v| v.files.iter().map(|f| f.digest.clone())).collect();
         // Blobs of other models whose index is kept (shared base weights, renamed models).
@@ -87,17 +110,54 @@ impl LocalChunks {
                 continue;
             }
             let Some(index) = local_index(store, &digest, &blob, params) else { continue };
+            let id = files.len() as u32;
+            let mut used = false;
             for (offset, _, hash) in index.spans() {
-                by_hash.entry(hash.to_string()).or_insert_with(|| (blob.clone(), offset));
+                if let Some(h) = hash_of(hash).filter(|h| wanted.contains(h)) {
+                    by_hash.entry(h).or_insert_with(|| {
+                        used = true;
+                        (id, offset)
+                    });
+                }
+            }
+            if used {
+                files.push((digest, blob));
             }
         }
-        debug!(chunks = by_hash.len(), "local chunks indexed");
-        LocalChunks { params, by_hash }
+        debug!(chunks = by_hash.len(), "local chunks found");
+        LocalChunks { params, files, by_hash }
     }
 
     /// Whether any chunk of `index` is held locally (with the same parameters).
     pub fn covers_any(&self, index: &ChunkIndex) -> bool {
-        index.params() == self.params && index.chunks.iter().any(|c| self.by_hash.contains_key(&c.1))
+        index.params() == self.params
+            && index.chunks.iter().any(|c| hash_of(&c.1).is_some_and(|h| self.by_hash.contains_key(&h)))
+    }
+
+    fn get(&self, hex: &str) -> Option<(&PathBuf, u64)> {
+        let (id, offset) = self.by_hash.get(&hash_of(hex)?)?;
+        Some((&self.files[*id as usize].1, *offset))
+    }
+
+    /// Forgets the kept indexes of every source: after a rebuild from them failed its digest check,
+    /// they are recomputed from the blobs (and a damaged blob then is no source).
+    fn distrust(&self, store: &Store) {
+        for (digest, _) in &self.files {
+            if let Ok(p) = store.chunk_index_path(digest) {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+}
+
+/// Whether a failed delta transfer should give way to a whole pull (its partial removed): the
+/// rebuilt bytes were wrong, the registry cannot serve ranges, the index or a local source is
+/// unusable. An outage, a cancel or a full disk keep the partial rebuild for the retry.
+pub fn falls_back(e: &PullError) -> bool {
+    match e {
+        PullError::DigestMismatch { .. } | PullError::BadArtifact { .. } | PullError::Oversize { .. } => true,
+        PullError::Io(io) => io.raw_os_error() != Some(libc::ENOSPC),
+        _ => false,
     }
 }
 
@@ -145,13 +205,13 @@ fn runs(index: &ChunkIndex, local: &LocalChunks, from: u64) -> Vec<Run> {
     let mut out: Vec<Run> = Vec::new();
     for (offset, len, hash) in index.spans().filter(|s| s.0 >= from) {
         let len = u64::from(len);
-        match (local.by_hash.get(hash), out.last_mut()) {
+        match (local.get(hash), out.last_mut()) {
             (None, Some(Run::Remote { len: l, .. })) => *l += len,
             (None, _) => out.push(Run::Remote { offset, len }),
-            (Some((path, at)), Some(Run::Local { path: p, at: a, len: l })) if p == path && *a + *l == *at => {
+            (Some((path, at)), Some(Run::Local { path: p, at: a, len: l })) if p == path && *a + *l == at => {
                 *l += len;
             }
-            (Some((path, at)), _) => out.push(Run::Local { path: path.clone(), at: *at, len }),
+            (Some((path, at)), _) => out.push(Run::Local { path: path.clone(), at, len }),
         }
     }
     out
@@ -165,22 +225,35 @@ pub async fn fetch_layer_delta(
     index: &ChunkIndex,
     local: &LocalChunks,
 ) -> Result<(), PullError> {
-    let _only_writer = t.in_flight.lock(&f.digest).await;
+    let _only_writer = tokio::select! {
+        _ = t.cancel.cancelled() => return Err(PullError::Cancelled),
+        guard = t.in_flight.lock(&f.digest) => guard,
+    };
+    // The partial's bytes were counted as fetched before the transfer began; recount them below.
+    let have = t.store.partial_len(&f.digest).min(f.size);
+    t.progress.fetched.fetch_sub(have, Ordering::Relaxed);
     if t.store.has_blob(&f.digest, f.size) {
         t.progress.reused.fetch_add(f.size, Ordering::Relaxed);
         return Ok(());
     }
     let partial = t.store.partial_path(&f.digest)?;
     // A rebuild writes in order: an earlier attempt's prefix up to its last whole chunk stands.
-    let have = t.store.partial_len(&f.digest);
     let keep = index.spans().map(|s| s.0).filter(|&o| o <= have).max().unwrap_or(0);
+    let mut reused = 0u64;
+    for (_, len, hash) in index.spans().take_while(|s| s.0 < keep) {
+        if local.get(hash).is_some() {
+            reused += u64::from(len);
+        } else {
+            t.progress.fetched.fetch_add(u64::from(len), Ordering::Relaxed);
+        }
+    }
+    t.progress.reused.fetch_add(reused, Ordering::Relaxed);
     let plan = runs(index, local, keep);
     let remote: u64 = plan.iter().map(|r| if let Run::Remote { len, .. } = r { *len } else { 0 }).sum();
     info!(layer = %f.title, size = f.size, resumed_at = keep, fetch = remote, requests = plan.iter().filter(|r| matches!(r, Run::Remote { .. })).count(), "delta transfer");
     let writer = LayerWriter::start(partial.clone(), keep);
     let desc = OciDescriptor { digest: f.digest.clone(), size: f.size as i64, ..Default::default() };
     let reference = format!("{}@{}", r.repository(), f.digest);
-    let mut reused = 0u64;
     let mut failure = None;
     'runs: for run in plan {
         match run {
@@ -247,32 +320,29 @@ pub async fn fetch_layer_delta(
             }
         }
     }
-    let finished = writer.finish().await;
-    let undo_reuse = |t: &Transfer<'_>| t.progress.reused.fetch_sub(reused, Ordering::Relaxed);
-    let hasher = match finished {
-        Ok(h) => h,
-        Err(e) => {
-            undo_reuse(t);
-            return Err(e.into());
-        }
+    let result = match (writer.finish().await, failure) {
+        (Err(e), _) => Err(e.into()),
+        (Ok(_), Some(e)) => Err(e),
+        (Ok(hasher), None) => verify_and_commit(t.store, f, &partial, hasher).await,
     };
-    if let Some(e) = failure {
-        undo_reuse(t);
-        return Err(e); // the prefix written so far stays for a resume
+    match result {
+        Ok(()) => {
+            save_index(t.store, index);
+            Ok(())
+        }
+        Err(e) => {
+            // Not reused after all; bytes that came over the wire stay counted (they did).
+            t.progress.reused.fetch_sub(reused, Ordering::Relaxed);
+            if falls_back(&e) {
+                // Removed while this transfer still holds the layer: the whole pull starts clean.
+                let _ = tokio::fs::remove_file(&partial).await;
+                if matches!(e, PullError::DigestMismatch { .. }) {
+                    local.distrust(t.store);
+                }
+            }
+            Err(e)
+        }
     }
-    let actual = format!("sha256:{:x}", hasher.finalize());
-    if actual != f.digest {
-        undo_reuse(t);
-        let _ = tokio::fs::remove_file(&partial).await;
-        return Err(PullError::DigestMismatch { title: f.title.clone(), expected: f.digest.clone(), actual });
-    }
-    let synced = partial.clone();
-    tokio::task::spawn_blocking(move || std::fs::File::open(synced)?.sync_data())
-        .await
-        .map_err(std::io::Error::other)??;
-    t.store.commit_blob(&f.digest, &partial)?;
-    save_index(t.store, index);
-    Ok(())
 }
 
 #[cfg(test)]
@@ -290,10 +360,10 @@ mod tests {
         // Local: all but chunks 1 and 2.
         for (i, (offset, _, hash)) in index.spans().enumerate() {
             if i != 1 && i != 2 {
-                by_hash.insert(hash.to_string(), (blob.clone(), offset));
+                by_hash.insert(hash_of(hash).unwrap(), (0u32, offset));
             }
         }
-        let local = LocalChunks { params: DEFAULT_PARAMS, by_hash };
+        let local = LocalChunks { params: DEFAULT_PARAMS, files: vec![("sha256:a".into(), blob.clone())], by_hash };
         let spans: Vec<_> = index.spans().collect();
         let r = runs(&index, &local, 0);
         assert_eq!(r.len(), 3, "{r:?}");
@@ -309,5 +379,18 @@ mod tests {
         assert_eq!(total, data.len() as u64);
         // Resuming after the remote run leaves only the local tail.
         assert_eq!(runs(&index, &local, spans[3].0).len(), 1);
+    }
+
+    #[test]
+    fn what_gives_way_to_a_whole_pull() {
+        let mismatch = PullError::DigestMismatch { title: "t".into(), expected: "a".into(), actual: "b".into() };
+        assert!(falls_back(&mismatch));
+        assert!(falls_back(&PullError::Io(std::io::Error::from(std::io::ErrorKind::NotFound))), "a source went");
+        let outage = PullError::Registry(OciError::Unreachable { reference: "r".into(), message: "m".into() });
+        assert!(!falls_back(&outage), "an outage keeps the rebuild for the retry");
+        assert!(!falls_back(&PullError::Cancelled));
+        assert!(!falls_back(&PullError::Io(std::io::Error::from_raw_os_error(libc::ENOSPC))));
+        assert_eq!(hash_of(&"ab".repeat(32)), Some([0xab; 32]));
+        assert_eq!(hash_of("abc"), None);
     }
 }
