@@ -5,12 +5,16 @@ CARGO ?= cargo
 PREFIX ?= $(HOME)/.cargo
 ENV_DIR := target/peat-env
 
-.PHONY: test lint unit integration crds crds-check env env-down install testenv-bins toolchain demo bench bench-tools check-orphans
+.PHONY: test lint unit integration crds crds-check env env-down install testenv-bins toolchain demo bench bench-tools test-tools check-orphans
 
 ## test: everything CI runs — lint, unit tests, CRD drift check, integration tests on the real environment
-test: lint testenv-bins
+test: lint testenv-bins test-tools
 	$(CARGO) test --lib --bins --tests --no-fail-fast
 	$(MAKE) --no-print-directory check-orphans
+
+## test-tools: Debian's lua5.1, for the Argo CD health check's tests
+test-tools:
+	@command -v lua5.1 >/dev/null || { apt-get update -qq && apt-get install -y -qq lua5.1; }
 
 ## lint: rustfmt and clippy with -D warnings
 lint: toolchain
