@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(name = "peat", version, about = "Roll ML models out to fleets of heterogeneous edge nodes")]
+// As `kubectl-peat` (a symlink), `kubectl peat status NAME` runs `peat status NAME`.
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -22,6 +23,16 @@ enum Command {
     Agent(peat::agent::Options),
     /// Publish a model directory as a variant of a model version in an OCI registry.
     Push(peat::cli::push::PushArgs),
+    /// Show a rollout: versions, per-node progress, blockers, ETA (`--watch` until it converges).
+    Status(peat::cli::plugin::StatusArgs),
+    /// Roll a rollout back to the previous converged version (or `--to VERSION`).
+    Rollback(peat::cli::plugin::RollbackArgs),
+    /// Pause a rollout: transfers halt and resume later where they stopped.
+    Pause(peat::cli::plugin::NameArgs),
+    /// Resume a paused rollout.
+    Resume(peat::cli::plugin::NameArgs),
+    /// List the nodes with an agent: capabilities, free storage, models, heartbeat.
+    Nodes,
 }
 
 fn main() -> ExitCode {
@@ -30,6 +41,11 @@ fn main() -> ExitCode {
         Command::Controller(opts) => runtime().and_then(|rt| rt.block_on(peat::controller::run(opts))),
         Command::Agent(opts) => runtime().and_then(|rt| rt.block_on(peat::agent::run(opts))),
         Command::Push(args) => runtime().and_then(|rt| rt.block_on(peat::cli::push::run(args))),
+        Command::Status(args) => plugin(peat::cli::plugin::status(args)),
+        Command::Rollback(args) => plugin(peat::cli::plugin::rollback(args)),
+        Command::Pause(args) => plugin(peat::cli::plugin::pause(args)),
+        Command::Resume(args) => plugin(peat::cli::plugin::resume(args)),
+        Command::Nodes => plugin(peat::cli::plugin::nodes()),
         Command::Crds => peat::api::crds_yaml()
             .map_err(anyhow::Error::from)
             .and_then(|yaml| std::io::stdout().write_all(yaml.as_bytes()).map_err(Into::into)),
@@ -41,6 +57,10 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn plugin(f: impl std::future::Future<Output = Result<(), peat::cli::plugin::PluginError>>) -> anyhow::Result<()> {
+    runtime()?.block_on(f).map_err(Into::into)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
