@@ -94,21 +94,21 @@ fn parse_quantity(s: &str) -> Result<u64, String> {
 
 /// Transfer outcome label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ResultLabels {
+pub(crate) struct ResultLabels {
     /// `succeeded`, `failed`, `retrying` or `cancelled`.
-    result: &'static str,
+    pub(crate) result: &'static str,
 }
 
 /// The agent's metrics.
-struct Metrics {
+pub(crate) struct Metrics {
     fetched: Counter,
     reused: Counter,
-    transfers: Family<ResultLabels, Counter>,
+    pub(crate) transfers: Family<ResultLabels, Counter>,
     active: Gauge,
 }
 
 impl Metrics {
-    fn new(registry: &mut Registry) -> Metrics {
+    pub(crate) fn new(registry: &mut Registry) -> Metrics {
         let m = Metrics {
             fetched: Counter::default(),
             reused: Counter::default(),

@@ -1,0 +1,21 @@
+# The one peat image: `peat controller` (Deployment), `peat agent` (DaemonSet), and the CLI.
+# Built from this repository: docker build -t peat-operator:0.1.0 .
+# (Not built by `make test`: this machine has no container engine.)
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock rustfmt.toml ./
+COPY src ./src
+COPY benches ./benches
+COPY tests ./tests
+RUN cargo build --release --locked --bin peat
+
+FROM debian:bookworm-slim
+# CA certificates for HTTPS registries; nothing else: the agent needs no shell.
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/peat /usr/local/bin/peat
+RUN ln -s peat /usr/local/bin/kubectl-peat
+# Non-root by default; the agent's chart sets the user that owns its hostPath store.
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/peat"]
+CMD ["--help"]
