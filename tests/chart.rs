@@ -1,0 +1,144 @@
+//! The Helm chart: `helm lint` and `helm template` (the pinned helm, `--kube-version` of the test
+//! environment) with the default values and each values file in `ci/`; the schema refuses bad
+//! values. Installing into the real environment and node confinement come with the rest of issue 7.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn helm(args: &[&str]) -> (bool, String) {
+    let bins = peat::testenv::Binaries::ensure(&root()).unwrap_or_else(|e| panic!("{e}"));
+    let out = Command::new(&bins.helm).args(args).current_dir(root()).output().expect("running helm");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+const CHART: &str = "charts/peat-operator";
+const KUBE: &str = "--kube-version=1.37.2";
+
+/// The rendered objects of the chart with `values` files.
+fn render(values: &[&str]) -> Vec<Value> {
+    let mut args = vec!["template", "peat", CHART, KUBE, "--namespace", "peat-system"];
+    for v in values {
+        args.extend(["-f", v]);
+    }
+    let (ok, text) = helm(&args);
+    assert!(ok, "helm template {values:?}: {text}");
+    text.split("\n---")
+        .filter(|doc| doc.lines().any(|l| l.starts_with("kind:")))
+        .map(|doc| serde_saphyr::from_str::<Value>(doc).unwrap_or_else(|e| panic!("{e}\n{doc}")))
+        .collect()
+}
+
+fn find<'a>(objs: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
+    objs.iter().find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+}
+
+#[test]
+fn lint_passes_with_every_values_file() {
+    for values in ["", "charts/peat-operator/ci/ha-values.yaml", "charts/peat-operator/ci/monitoring-values.yaml"] {
+        let mut args = vec!["lint", CHART, KUBE, "--strict"];
+        if !values.is_empty() {
+            args.extend(["-f", values]);
+        }
+        let (ok, text) = helm(&args);
+        assert!(ok && text.contains("0 chart(s) failed"), "helm lint {values}: {text}");
+    }
+}
+
+#[test]
+fn default_values_render_controller_agent_rbac_and_metrics() {
+    let objs = render(&[]);
+    let controller = find(&objs, "Deployment", "peat-peat-operator-controller").expect("the controller Deployment");
+    assert_eq!(controller["spec"]["replicas"], 2, "HA by default");
+    let c = &controller["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = c["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    assert!(args.contains(&"controller") && args.contains(&"--leader-elect=true"), "{args:?}");
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(controller["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"], true);
+
+    let agent = find(&objs, "DaemonSet", "peat-peat-operator-agent").expect("the agent DaemonSet");
+    let spec = &agent["spec"]["template"]["spec"];
+    assert_eq!(spec["volumes"][0]["hostPath"]["path"], "/var/lib/peat");
+    assert_eq!(spec["tolerations"][0]["operator"], "Exists", "runs on tainted edge nodes too");
+    let a = &spec["containers"][0];
+    assert_eq!(a["env"][0]["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+    assert_eq!(a["securityContext"]["capabilities"]["drop"][0], "ALL");
+    assert_eq!(a["securityContext"]["allowPrivilegeEscalation"], false);
+
+    // Least privilege: the agent may not create or delete deployments, nor touch rollouts.
+    let role = find(&objs, "ClusterRole", "peat-peat-operator-agent").unwrap();
+    let rules = role["rules"].as_array().unwrap();
+    for r in rules {
+        let res: Vec<&str> = r["resources"].as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
+        let verbs: Vec<&str> = r["verbs"].as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
+        assert!(!res.iter().any(|x| x.starts_with("modelrollouts")), "{res:?}");
+        if res.contains(&"modeldeployments") {
+            assert_eq!(verbs, vec!["get", "list", "watch"]);
+        }
+        assert!(!verbs.contains(&"delete") && !verbs.contains(&"*"), "{verbs:?}");
+    }
+    assert!(find(&objs, "Role", "peat-peat-operator-leader-election").is_some(), "leases in the release namespace");
+    assert!(find(&objs, "Service", "peat-peat-operator-metrics").is_some());
+    assert!(!objs.iter().any(|o| o["kind"] == "ServiceMonitor"), "off by default");
+}
+
+#[test]
+fn values_files_change_what_they_say() {
+    let objs = render(&["charts/peat-operator/ci/ha-values.yaml"]);
+    assert_eq!(find(&objs, "Deployment", "peat-peat-operator-controller").unwrap()["spec"]["replicas"], 3);
+    let agent = find(&objs, "DaemonSet", "peat-peat-operator-agent").unwrap();
+    let args = agent["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(args.contains("--max-bandwidth=10Mi") && args.contains("--storage-capacity=20Gi"), "{args}");
+    assert_eq!(agent["spec"]["template"]["spec"]["nodeSelector"]["peat.dev/formation"], "alpha");
+
+    let objs = render(&["charts/peat-operator/ci/monitoring-values.yaml"]);
+    let sm = objs.iter().find(|o| o["kind"] == "ServiceMonitor").expect("a ServiceMonitor when enabled");
+    assert_eq!(sm["metadata"]["labels"]["release"], "prometheus");
+
+    let objs = render(&["charts/peat-operator/ci/controller-only-values.yaml"]);
+    assert!(!objs.iter().any(|o| o["kind"] == "DaemonSet"));
+}
+
+#[test]
+fn the_schema_refuses_bad_values() {
+    for bad in
+        ["controller.replicas=-1", "agent.store=relative/path", "agent.maxBandwidth=fast", "controller.logFormat=xml"]
+    {
+        let (ok, text) = helm(&["template", "peat", CHART, KUBE, "--set", bad]);
+        assert!(!ok, "{bad} was accepted");
+        assert!(text.contains("values don't meet the specifications of the schema"), "{bad}: {text}");
+    }
+    let (ok, text) = helm(&["template", "peat", CHART, KUBE, "--set", "controler.replicas=1"]);
+    assert!(!ok && text.contains("controler"), "a misspelt key is refused: {text}");
+}
+
+#[test]
+fn the_rendered_arguments_are_ones_peat_accepts() {
+    let objs = render(&["charts/peat-operator/ci/ha-values.yaml"]);
+    for (kind, name) in [("Deployment", "peat-peat-operator-controller"), ("DaemonSet", "peat-peat-operator-agent")] {
+        let obj = find(&objs, kind, name).unwrap();
+        let args: Vec<String> = obj["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect();
+        // No cluster here: past argument parsing (exit 2 is clap's usage error) it fails to connect.
+        let out = Command::new(env!("CARGO_BIN_EXE_peat"))
+            .args(&args)
+            .env("KUBECONFIG", "/nonexistent/kubeconfig")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env("NODE_NAME", "n")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(2), "{kind} args {args:?} refused: {err}");
+        assert!(!out.status.success(), "no cluster, so it must fail to start: {err}");
+    }
+}
