@@ -1,6 +1,6 @@
 //! The Helm chart: `helm lint` and `helm template` (the pinned helm, `--kube-version` of the test
 //! environment) with the default values and each values file in `ci/`; the schema refuses bad
-//! values. Installing into the real environment and node confinement come with the rest of issue 7.
+//! values. `tests/chart_install.rs` installs it into the real environment.
 
 use std::path::PathBuf;
 use std::process::Command;
