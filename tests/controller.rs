@@ -460,8 +460,22 @@ async fn a_missing_version_is_a_condition_and_converges_once_pushed() {
     assert_eq!(status(&r).phase, RolloutPhase::Pending);
     assert!(s.deployments("m").await.is_empty());
     support::push_two_variants(&s.repo, "9.9.9").await;
-    // Retried with backoff (5 s, 10 s, …): the deployment appears once the tag exists.
-    s.deployments_on("m", std::slice::from_ref(&n)).await;
+    // Retried with backoff (5 s, 10 s, … at most 30 s for a source problem): the deployment
+    // appears once the tag exists. (A clean-clone run once missed this within 60 s; the
+    // controller's lines about this rollout go into the failure message to show why.)
+    let deadline = std::time::Instant::now() + T;
+    while s.deployments("m").await.keys().cloned().collect::<Vec<_>>() != vec![n.clone()] {
+        if std::time::Instant::now() > deadline {
+            let log = std::fs::read_to_string(&controller().await.log).unwrap_or_default();
+            let ours: Vec<&str> = log.lines().filter(|l| l.contains(&s.ctx.ns)).collect();
+            panic!(
+                "no ModelDeployment on {n} within {T:?} of the push; controller about {}:\n{}",
+                s.ctx.ns,
+                ours.join("\n")
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let r = s.rollout("late", "Ready=True", |r| condition(r, "Ready").map(|c| c.0) == Some("True".into())).await;
     assert!(status(&r).resolved_digest.as_deref().is_some_and(|d| d.starts_with("sha256:")));
 }
