@@ -293,15 +293,7 @@ async fn an_agent_killed_mid_pull_resumes_where_it_stopped() {
     link.set_rate(16 * MI as u64);
     let mut agent = s.agent("n", &[]).await;
     s.apply_via(&link.addr, "big", "1.0.0", &[&agent], json!({})).await;
-    let partial = support::eventually("a third of the blob on disk", T, || {
-        let tmp = agent.store.join("tmp");
-        async move {
-            let e = std::fs::read_dir(&tmp).ok()?.flatten().next()?;
-            let len = e.metadata().ok()?.len();
-            (len > (size / 3) as u64).then_some(len)
-        }
-    })
-    .await;
+    let partial = support::partial_over(&agent.store, (size / 3) as u64, "a third of the blob on disk").await;
     agent.kill();
     assert!(partial < size as u64, "killed before the end");
     agent.restart();
@@ -436,14 +428,7 @@ async fn a_registry_outage_mid_rollout_is_retried_until_it_converges() {
     link.set_rate(8 * MI as u64);
     let agent = s.agent("n", &[]).await;
     s.apply_via(&link.addr, "m", "1.0.0", &[&agent], json!({})).await;
-    support::eventually("the transfer under way", T, || {
-        let tmp = agent.store.join("tmp");
-        async move {
-            let e = std::fs::read_dir(&tmp).ok()?.flatten().next()?;
-            (e.metadata().ok()?.len() > (size / 5) as u64).then_some(())
-        }
-    })
-    .await;
+    support::partial_over(&agent.store, (size / 5) as u64, "the transfer under way").await;
     s.registry.stop();
     let during = s
         .deployment_where("m", &agent, "a retry reported during the outage", |m| {
@@ -537,14 +522,7 @@ async fn a_critical_transfer_preempts_a_lower_one_which_resumes_later() {
     // One transfer at a time: the Critical one can only run by preempting.
     let agent = s.agent("n", &["--max-concurrent-pulls", "1"]).await;
     s.apply_via(&link.addr, "slow", "1.0.0", &[&agent], json!({"priority": "Low"})).await;
-    support::eventually("the Low transfer under way", T, || {
-        let tmp = agent.store.join("tmp");
-        async move {
-            let e = std::fs::read_dir(&tmp).ok()?.flatten().next()?;
-            (e.metadata().ok()?.len() > (4 * MI) as u64).then_some(())
-        }
-    })
-    .await;
+    support::partial_over(&agent.store, (4 * MI) as u64, "the Low transfer under way").await;
     s.apply_via(&link.addr, "urgent", "1.0.0", &[&agent], json!({"priority": "Critical"})).await;
     s.deployment_where("urgent", &agent, "Critical Operational", |m| phase(m) == Some(DeploymentPhase::Operational))
         .await;

@@ -249,14 +249,7 @@ async fn a_delta_rebuild_resumes_after_the_agent_is_killed() {
     let before = s.link.delivered();
     let api: Api<ModelRollout> = Api::namespaced(s.ctx.client.clone(), &s.ctx.ns);
     api.patch("m", &PatchParams::default(), &Patch::Merge(json!({"spec": {"version": "2.0.0"}}))).await.unwrap();
-    support::eventually("the rebuild three quarters done", T, || {
-        let tmp = agent.store.join("tmp");
-        async move {
-            let e = std::fs::read_dir(&tmp).ok()?.flatten().next()?;
-            (e.metadata().ok()?.len() > (48 * MI) as u64).then_some(())
-        }
-    })
-    .await;
+    support::partial_over(&agent.store, (48 * MI) as u64, "the rebuild three quarters done").await;
     agent.kill();
     s.link.set_rate(0);
     agent.restart();

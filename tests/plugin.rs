@@ -87,6 +87,8 @@ async fn status_pause_resume_rollback_and_nodes() {
     // Clear errors: a missing rollout, nothing to roll back to.
     let (ok, _, err) = peat(&["status", "nope", "-n", ns], kc);
     assert!(!ok && err.contains(&format!("modelrollout {ns}/nope not found")), "{err}");
+    let (ok, _, err) = peat(&["pause", "nope", "-n", ns], kc);
+    assert!(!ok && err.contains(&format!("modelrollout {ns}/nope not found")), "{err}");
     let r2 = json!({"apiVersion": "peat.dev/v1alpha1", "kind": "ModelRollout", "metadata": {"name": "fresh"},
         "spec": {"model": "fresh", "version": "1.0.0", "source": {"repository": "reg.example/f"}, "scope": {"all": {}}}});
     api.patch("fresh", &PatchParams::apply("peat-test"), &Patch::Apply(&r2)).await.unwrap();

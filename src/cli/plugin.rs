@@ -246,8 +246,10 @@ async fn patch_spec(target: &Target, name: &str, patch: serde_json::Value) -> Re
     let client = client().await?;
     let ns = namespace(&client, target);
     let api: Api<ModelRollout> = Api::namespaced(client, &ns);
-    get_rollout(&api, &ns, name).await?;
-    Ok(api.patch(name, &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": patch}))).await?)
+    match api.patch(name, &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": patch}))).await {
+        Err(kube::Error::Api(e)) if e.code == 404 => Err(PluginError::NotFound { namespace: ns, name: name.into() }),
+        other => Ok(other?),
+    }
 }
 
 /// `pause NAME`.

@@ -188,13 +188,6 @@ pub trait PushProgress: Send + Sync {
     fn uploaded(&self, bytes: u64);
 }
 
-/// No progress output.
-pub struct NoProgress;
-impl PushProgress for NoProgress {
-    fn hashed(&self, _: u64) {}
-    fn uploaded(&self, _: u64) {}
-}
-
 /// Pushes the files under `dir` as a variant of `<repository>:<version>`, streaming each file from
 /// disk (a multi-GB file is never held in memory); blobs the registry already has are not sent
 /// again. Returns the variant manifest's digest.

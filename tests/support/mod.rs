@@ -594,3 +594,16 @@ pub fn peak_rss_mib(pid: u32) -> f64 {
         .unwrap_or(0.0);
     kb / 1024.0
 }
+
+/// Waits until a partial download in `store`'s `tmp/` holds more than `min` bytes; returns its length.
+pub async fn partial_over(store: &Path, min: u64, what: &str) -> u64 {
+    let tmp = store.join("tmp");
+    eventually(what, Duration::from_secs(90), || {
+        let tmp = tmp.clone();
+        async move {
+            let len = std::fs::read_dir(&tmp).ok()?.flatten().next()?.metadata().ok()?.len();
+            (len > min).then_some(len)
+        }
+    })
+    .await
+}
