@@ -62,8 +62,10 @@ toolchain:
 check-orphans:
 	@bash scripts/check-orphans.sh "$(CURDIR)/target/testenv/"
 
-demo:
-	@echo "make demo arrives with the Helm chart and kubectl plugin issue (#7); until then README shows the controller and agent by hand." >&2; exit 2
+## demo: the main job end to end on a private local environment: push, three nodes, roll out, upgrade by delta, roll back, summary
+demo: testenv-bins
+	$(CARGO) build --quiet --bin peat --bin peat-testenv
+	target/debug/peat-testenv demo
 
 ## bench: the benchmarks, each printing its figures as ratios against a baseline measured in the same run
 bench: testenv-bins bench-tools

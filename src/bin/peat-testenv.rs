@@ -1,4 +1,5 @@
-//! `peat-testenv up|down|status`: the local environment behind `make env` / `make env-down`.
+//! `peat-testenv up|down|status|demo`: the local environment behind `make env` / `make env-down`,
+//! and `make demo` on a private one.
 //! (A development tool, not part of the product: the `peat` binary has no test code in its CLI.)
 
 use std::path::PathBuf;
@@ -28,6 +29,12 @@ enum Cmd {
     Down,
     /// Say whether it runs.
     Status,
+    /// The end-to-end demo (`make demo`) on a private environment it starts and tears down.
+    Demo {
+        /// Work directory (replaced at start; its logs/ stays afterwards).
+        #[arg(long, default_value = "target/peat-demo")]
+        demo_dir: PathBuf,
+    },
 }
 
 fn usage_hint(dir: &std::path::Path) -> String {
@@ -43,6 +50,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let dir = std::path::absolute(&cli.dir).unwrap_or(cli.dir.clone());
     match cli.command {
+        Cmd::Demo { demo_dir } => demo(&demo_dir).await,
         Cmd::Status => {
             let alive = testenv::detached_status(&dir);
             if alive.is_empty() {
@@ -108,6 +116,39 @@ async fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+async fn demo(dir: &std::path::Path) -> ExitCode {
+    let peat = std::env::current_exe().ok().and_then(|e| Some(e.parent()?.join("peat"))).filter(|p| p.exists());
+    let Some(peat) = peat else {
+        eprintln!(
+            "peat-testenv demo: no `peat` binary next to this one; build both: cargo build --bin peat --bin peat-testenv"
+        );
+        return ExitCode::FAILURE;
+    };
+    let opts = peat::testenv::demo::DemoOptions {
+        repo_root: PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        dir: std::path::absolute(dir).unwrap_or(dir.to_path_buf()),
+        peat,
+    };
+    // Ctrl-C drops the demo future: its Drop stops the agents, the controller and the environment.
+    let mut run = Box::pin(peat::testenv::demo::run(opts));
+    tokio::select! {
+        r = &mut run => match r {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                drop(run);
+                eprintln!("\npeat-testenv demo failed (everything it started is stopped): {e}");
+                ExitCode::FAILURE
+            }
+        },
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("\ninterrupted: stopping the agents, the controller and the environment …");
+            drop(run);
+            eprintln!("torn down.");
+            ExitCode::from(130)
         }
     }
 }

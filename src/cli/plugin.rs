@@ -119,8 +119,9 @@ pub fn render(r: &ModelRollout, deployments: &[ModelDeployment]) -> String {
     let st = r.status.clone().unwrap_or_default();
     let ns = r.namespace().unwrap_or_default();
     let _ = writeln!(out, "ModelRollout {ns}/{}  model {}  version {}", r.name_any(), r.spec.model, r.spec.version);
+    let current = st.observed_generation == r.metadata.generation;
     let eta = match st.estimated_completion_seconds {
-        Some(0) if st.phase == RolloutPhase::Converged => "done".to_string(),
+        _ if current && st.phase == RolloutPhase::Converged => "done".to_string(),
         Some(s) => duration(s.max(0) as u64),
         None => "unknown".into(),
     };
@@ -135,6 +136,11 @@ pub fn render(r: &ModelRollout, deployments: &[ModelDeployment]) -> String {
         st.pending,
         st.failed
     );
+    if !current {
+        // Just after a change (apply, rollback), the status still describes the previous spec.
+        let _ =
+            writeln!(out, "(the controller has not acted on the latest change yet: the status is the previous one)");
+    }
     let _ = writeln!(
         out,
         "transferred {}  reused {}",
@@ -290,30 +296,50 @@ pub async fn rollback(args: RollbackArgs) -> Result<(), PluginError> {
     Ok(())
 }
 
-const NODES_HEADER: &str = "NODE                           ARCH   GPUS    GPU MEM       FREE PROVIDERS      MODELS                         HEARTBEAT";
-
 /// `nodes`: capabilities and inventory of every node with an agent.
 pub async fn nodes() -> Result<(), PluginError> {
     let client = client().await?;
     let api: Api<ModelNode> = Api::all(client);
-    let mut list = api.list(&ListParams::default()).await?.items;
-    list.sort_by_key(|n| n.name_any());
-    println!("{NODES_HEADER}");
-    for n in list {
+    let list = api.list(&ListParams::default()).await?.items;
+    print!("{}", render_nodes(&list));
+    Ok(())
+}
+
+/// The `nodes` table, its columns as wide as their widest cell.
+pub fn render_nodes(nodes: &[ModelNode]) -> String {
+    let mut rows =
+        vec![["NODE", "ARCH", "GPUS", "GPU MEM", "FREE", "PROVIDERS", "MODELS", "HEARTBEAT"].map(String::from)];
+    let mut sorted: Vec<&ModelNode> = nodes.iter().collect();
+    sorted.sort_by_key(|n| n.name_any());
+    for n in sorted {
         let s = n.status.clone().unwrap_or_default();
-        println!(
-            "{:<30} {:<6} {:>4} {:>10} {:>10} {:<14} {:<30} {}",
+        rows.push([
             n.name_any(),
-            s.arch.as_deref().unwrap_or("-"),
-            s.gpus,
+            s.arch.unwrap_or_else(|| "-".into()),
+            s.gpus.to_string(),
             HumanBytes(s.gpu_memory_bytes.max(0) as u64).to_string(),
             HumanBytes(s.storage_free_bytes.max(0) as u64).to_string(),
-            s.providers.join(","),
-            s.models_summary.as_deref().unwrap_or("-"),
-            age(s.last_heartbeat.as_ref())
-        );
+            if s.providers.is_empty() { "-".into() } else { s.providers.join(",") },
+            s.models_summary.unwrap_or_else(|| "-".into()),
+            age(s.last_heartbeat.as_ref()),
+        ]);
     }
-    Ok(())
+    let widths: Vec<usize> = (0..8).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    // Numbers right-aligned, text left-aligned; the last column unpadded.
+    let right = [false, false, true, true, true, false, false, false];
+    let mut out = String::new();
+    for r in &rows {
+        let cells: Vec<String> = (0..8)
+            .map(|c| match (c, right[c]) {
+                (7, _) => r[c].clone(),
+                (_, true) => format!("{:>w$}", r[c], w = widths[c]),
+                _ => format!("{:<w$}", r[c], w = widths[c]),
+            })
+            .collect();
+        out.push_str(&cells.join("  "));
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
@@ -330,7 +356,7 @@ mod tests {
             ("45s".into(), "1m 30s".into(), "2m".into(), "1h 2m".into())
         );
         let mut r: ModelRollout = serde_json::from_value(serde_json::json!({
-            "apiVersion": "peat.dev/v1alpha1", "kind": "ModelRollout", "metadata": {"name": "r", "namespace": "ns"},
+            "apiVersion": "peat.dev/v1alpha1", "kind": "ModelRollout", "metadata": {"name": "r", "namespace": "ns", "generation": 2},
             "spec": {"model": "m", "version": "3.0.0", "source": {"repository": "reg/m"}, "scope": {"all": {}}},
         }))
         .unwrap();
@@ -345,5 +371,26 @@ mod tests {
         let screen = render(&r, &[]);
         assert!(screen.contains("ModelRollout ns/r  model m  version 3.0.0"), "{screen}");
         assert!(screen.contains("→ 3.0.0"), "{screen}");
+        assert!(screen.contains("not acted on the latest change"), "no observedGeneration yet: {screen}");
+    }
+
+    #[test]
+    fn the_nodes_table_aligns_long_cells() {
+        let node = |name: &str, providers: &[&str]| -> ModelNode {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "peat.dev/v1alpha1", "kind": "ModelNode", "metadata": {"name": name},
+                "spec": {}, "status": {"arch": "arm64", "gpus": 1, "gpuMemoryBytes": 4294967296_i64, "providers": providers},
+            }))
+            .unwrap()
+        };
+        let table = render_nodes(&[node("b", &["cuda", "tensorrt", "cpu"]), node("a-long-name", &["cpu"])]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        assert!(lines[1].starts_with("a-long-name  arm64"), "sorted by name: {table}");
+        // Every row's MODELS cell ("-") starts under the header, however long PROVIDERS is.
+        let models = lines[0].find("MODELS").unwrap();
+        for l in &lines[1..] {
+            assert_eq!(&l[models - 2..models + 1], "  -", "{table}");
+        }
     }
 }

@@ -9,6 +9,7 @@
 //!   exits; [`stop_detached`] ends them from the pid file.
 
 mod certs;
+pub mod demo;
 mod process;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,682 @@
+//! `make demo`: the main job end to end on a private local environment (DESIGN.md §2).
+//!
+//! Starts etcd, kube-apiserver and a registry of its own, pushes a generated model (2 versions ×
+//! 2 variants) with `peat push`, registers three differently capable arm64 nodes each played by a
+//! `peat agent` behind a bandwidth cap, runs `peat controller`, applies `examples/rollout.yaml`,
+//! and follows it with `kubectl peat status --watch` through install, a delta upgrade and a
+//! rollback. Every step is a real command, printed before it runs. A watch on the
+//! ModelDeployments times each node from "told" to "active". Everything it started is torn down
+//! when it ends or on Ctrl-C (the caller drops the future); the logs stay in `<dir>/logs`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use indicatif::HumanBytes;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use thiserror::Error;
+use tokio::sync::Notify;
+
+use super::{Binaries, Lifetime, ManagedProcess, Options, TestEnv, TestEnvError};
+use crate::api::{DeploymentPhase, ModelDeployment, ModelNode};
+
+/// The model the example rolls out, and the namespace it lives in.
+const MODEL: &str = "target-recognition";
+const NAMESPACE: &str = "default";
+/// The version `examples/rollout.yaml` names, and the one the demo upgrades to.
+const FIRST: &str = "4.2.1";
+const SECOND: &str = "4.3.0";
+/// How long one stage (install, upgrade, rollback) may take before the demo gives up loudly.
+const STAGE_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Errors of the demo, each naming the step that failed.
+#[derive(Debug, Error)]
+pub enum DemoError {
+    /// Starting the environment failed.
+    #[error(transparent)]
+    Env(#[from] TestEnvError),
+    /// A file operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A command exited unsuccessfully.
+    #[error("`{command}` failed ({status})")]
+    Command {
+        /// The command line.
+        command: String,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+    },
+    /// A step did not finish in time.
+    #[error("{0}")]
+    Timeout(String),
+    /// The API server refused or failed.
+    #[error("kubernetes: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DemoError {
+    let what = what.into();
+    move |source| DemoError::Io { what, source }
+}
+
+/// Where the demo works and what it runs.
+#[derive(Clone, Debug)]
+pub struct DemoOptions {
+    /// The repository root (for `scripts/testenv-build.sh` and `examples/rollout.yaml`).
+    pub repo_root: PathBuf,
+    /// Working directory (replaced at start; only `logs/` stays afterwards).
+    pub dir: PathBuf,
+    /// The `peat` binary.
+    pub peat: PathBuf,
+}
+
+/// One demo node: what the agent reports, and its link.
+struct DemoNode {
+    name: &'static str,
+    gpu_memory: &'static str,
+    providers: &'static str,
+    link: &'static str,
+    storage: &'static str,
+}
+
+/// Three arm64 boxes the example's scope (arm64, ≥ 4 GiB of GPU memory) all matches, but which get
+/// different variants: the fp16-cuda variant needs 6 GiB of GPU memory, so the smallest gets int8-cpu.
+const NODES: [DemoNode; 3] = [
+    DemoNode { name: "edge-orin-1", gpu_memory: "32Gi", providers: "cuda,tensorrt,cpu", link: "32Mi", storage: "8Gi" },
+    DemoNode { name: "edge-xavier-2", gpu_memory: "8Gi", providers: "cuda,cpu", link: "16Mi", storage: "4Gi" },
+    DemoNode { name: "edge-nano-3", gpu_memory: "4Gi", providers: "cuda,cpu", link: "8Mi", storage: "2Gi" },
+];
+
+/// One variant of the generated model: its push flags and its weights' size.
+struct DemoVariant {
+    name: &'static str,
+    push_flags: &'static [&'static str],
+    weights_mib: u64,
+}
+
+const VARIANTS: [DemoVariant; 2] = [
+    DemoVariant {
+        name: "fp16-cuda",
+        push_flags: &[
+            "--precision",
+            "float16",
+            "--providers",
+            "cuda",
+            "--min-gpu-memory",
+            "6Gi",
+            "--platform",
+            "linux/arm64",
+        ],
+        weights_mib: 48,
+    },
+    DemoVariant {
+        name: "int8-cpu",
+        push_flags: &["--precision", "int8", "--providers", "cpu", "--platform", "linux/arm64"],
+        weights_mib: 24,
+    },
+];
+
+/// What one node did in one stage.
+#[derive(Clone, Debug, Default)]
+struct NodeStage {
+    started: Option<Instant>,
+    finished: Option<Instant>,
+    variant: String,
+    version: String,
+    fetched: i64,
+    reused: i64,
+}
+
+/// Stage in progress: its index and target version; results by (stage, node).
+#[derive(Default)]
+struct Timings {
+    stage: Option<(usize, String)>,
+    by_node: BTreeMap<(usize, String), NodeStage>,
+}
+
+/// A stage under way.
+struct Stage {
+    index: usize,
+    version: &'static str,
+    started: Instant,
+}
+
+/// Aborts a spawned task when dropped, so an interrupted demo leaves no watch running.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn header(step: usize, text: &str) {
+    use std::io::IsTerminal;
+    if std::io::stdout().is_terminal() {
+        println!("\n\x1b[1m==> {step}/7 {text}\x1b[0m");
+    } else {
+        println!("\n==> {step}/7 {text}");
+    }
+}
+
+fn show_command(cmd: &[String]) {
+    println!("$ {}", cmd.join(" "));
+    let _ = std::io::stdout().flush();
+}
+
+/// The running demo's pieces, dropped (and so stopped) in reverse order of creation.
+struct Demo {
+    opts: DemoOptions,
+    env: TestEnv,
+    /// `PATH` for the commands it runs: `peat`, `kubectl-peat`, kubectl.
+    path: String,
+    client: kube::Client,
+    timings: Arc<Mutex<Timings>>,
+    changed: Arc<Notify>,
+    processes: Vec<ManagedProcess>,
+    _watch: Option<AbortOnDrop>,
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        // Our own watch first: an open watch holds kube-apiserver's graceful shutdown up.
+        self._watch.take();
+        // Agents and controller next, while the API server they talk to still runs.
+        for p in self.processes.iter_mut().rev() {
+            p.stop(Duration::from_secs(10));
+        }
+        self.env.stop();
+        for d in ["model", "stores", "bin", "rollout.yaml"] {
+            let p = self.opts.dir.join(d);
+            let _ = if p.is_dir() { std::fs::remove_dir_all(p) } else { std::fs::remove_file(p) };
+        }
+    }
+}
+
+/// Runs the demo to its summary (returned as text, already printed).
+pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
+    let started = Instant::now();
+    match std::fs::remove_dir_all(&opts.dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("clearing the demo directory")(e)),
+        _ => {}
+    }
+    for d in ["logs", "bin", "stores", "model"] {
+        std::fs::create_dir_all(opts.dir.join(d)).map_err(io(format!("creating {d}/")))?;
+    }
+    println!(
+        "peat-operator demo: {MODEL} on three differently capable arm64 nodes\n\
+         (work directory {}; logs stay in its logs/; Ctrl-C tears everything down)",
+        opts.dir.display()
+    );
+
+    header(1, "local environment: etcd, kube-apiserver and an OCI registry on 127.0.0.1");
+    let binaries = Binaries::ensure(&opts.repo_root)?;
+    let bin = opts.dir.join("bin");
+    for link in ["peat", "kubectl-peat"] {
+        std::os::unix::fs::symlink(&opts.peat, bin.join(link)).map_err(io(format!("linking {link}")))?;
+    }
+    let kube_bin = binaries.kubectl.parent().unwrap_or(Path::new("/")).to_path_buf();
+    let path = format!("{}:{}:{}", bin.display(), kube_bin.display(), std::env::var("PATH").unwrap_or_default());
+    let t = Instant::now();
+    let env = TestEnv::start(
+        binaries,
+        Options {
+            dir: opts.dir.join("env"),
+            lifetime: Lifetime::TiedToThisProcess,
+            controller_manager: false,
+            install_crds: true,
+        },
+    )
+    .await?;
+    println!(
+        "    API server {}, registry {}, peat CRDs installed ({:.1} s)",
+        env.apiserver_url,
+        env.registry,
+        t.elapsed().as_secs_f64()
+    );
+    let client = env.client().await?;
+    let mut demo = Demo {
+        opts,
+        env,
+        path,
+        client,
+        timings: Arc::default(),
+        changed: Arc::default(),
+        processes: Vec::new(),
+        _watch: None,
+    };
+
+    header(2, "a generated model: 2 versions × 2 variants, pushed with `peat push`");
+    demo.push_model().await?;
+
+    header(3, "three nodes, each played by a `peat agent` behind a bandwidth cap; the controller");
+    demo.start_nodes_and_controller().await?;
+
+    header(4, &format!("roll out {FIRST}: examples/rollout.yaml"));
+    let repository = format!("{}/models/{MODEL}", demo.env.registry);
+    let example = demo.opts.repo_root.join("examples/rollout.yaml");
+    let manifest = std::fs::read_to_string(&example).map_err(io(format!("reading {}", example.display())))?;
+    let rollout = demo.opts.dir.join("rollout.yaml");
+    std::fs::write(&rollout, local_rollout(&manifest, &repository)).map_err(io("writing rollout.yaml"))?;
+    println!(
+        "    {}: examples/rollout.yaml with source.repository {repository}, insecure (plain HTTP)",
+        rollout.display()
+    );
+    let stage = demo.begin_stage(0, FIRST);
+    demo.command(&["kubectl", "apply", "-f", &rollout.display().to_string()]).await?;
+    demo.finish_stage(stage).await?;
+
+    header(5, &format!("upgrade to {SECOND}: each node fetches only the chunks that changed"));
+    let patch = format!(r#"{{"spec":{{"version":"{SECOND}"}}}}"#);
+    let stage = demo.begin_stage(1, SECOND);
+    demo.command(&["kubectl", "patch", "modelrollout", MODEL, "--type", "merge", "-p", &patch]).await?;
+    demo.finish_stage(stage).await?;
+
+    header(6, &format!("roll back to {FIRST}: the kept version is switched to, no bytes move"));
+    let stage = demo.begin_stage(2, FIRST);
+    demo.command(&["kubectl", "peat", "rollback", MODEL]).await?;
+    demo.finish_stage(stage).await?;
+
+    header(7, "summary");
+    let summary = demo.summary(started)?;
+    print!("{summary}");
+    Ok(summary)
+}
+
+/// `examples/rollout.yaml` pointed at the local registry.
+fn local_rollout(example: &str, repository: &str) -> String {
+    example
+        .lines()
+        .map(|l| match l.trim_start().strip_prefix("repository:") {
+            Some(_) => {
+                let indent = &l[..l.len() - l.trim_start().len()];
+                format!("{indent}repository: {repository}\n{indent}insecure: true\n")
+            }
+            None => format!("{l}\n"),
+        })
+        .collect()
+}
+
+/// Deterministic bytes (splitmix64), so every run pushes the same model.
+fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Writes one variant of one version: `model.onnx` (weights), `config.json`, `labels.txt`.
+/// The second version rewrites three 1 MiB stretches of the weights (a fine-tune touches
+/// some tensors) and the config; `labels.txt` is the same everywhere.
+fn write_variant(dir: &Path, variant: &DemoVariant, seed: u64, version: &str) -> Result<(), DemoError> {
+    const MIB: usize = 1 << 20;
+    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    let mut weights = pseudo_random(seed, variant.weights_mib as usize * MIB);
+    if version == SECOND {
+        let n = weights.len();
+        for (i, at) in [n / 8, n / 2, n * 7 / 8].into_iter().enumerate() {
+            weights[at..at + MIB].copy_from_slice(&pseudo_random(seed ^ (0xD1FF + i as u64), MIB));
+        }
+    }
+    let config = format!(
+        "{{\"model\": \"{MODEL}\", \"version\": \"{version}\", \"variant\": \"{}\", \"inputs\": [1, 3, 640, 640]}}\n",
+        variant.name
+    );
+    let labels: String = (0..2000).map(|i| format!("class-{i:04}\n")).collect();
+    for (name, bytes) in
+        [("model.onnx", weights.as_slice()), ("config.json", config.as_bytes()), ("labels.txt", labels.as_bytes())]
+    {
+        std::fs::write(dir.join(name), bytes).map_err(io(format!("writing {name}")))?;
+    }
+    Ok(())
+}
+
+impl Demo {
+    fn tokio_command(&self, argv: &[&str]) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(argv[0]);
+        cmd.args(&argv[1..])
+            .env("PATH", &self.path)
+            .env("KUBECONFIG", &self.env.kubeconfig)
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// Runs a command with the demo's PATH and kubeconfig, output to the terminal.
+    async fn command(&self, argv: &[&str]) -> Result<(), DemoError> {
+        show_command(&argv.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let status = self.tokio_command(argv).status().await.map_err(io(format!("running {}", argv[0])))?;
+        if !status.success() {
+            return Err(DemoError::Command { command: argv.join(" "), status });
+        }
+        Ok(())
+    }
+
+    async fn push_model(&self) -> Result<(), DemoError> {
+        let repository = format!("{}/models/{MODEL}", self.env.registry);
+        for version in [FIRST, SECOND] {
+            for (i, variant) in VARIANTS.iter().enumerate() {
+                let dir = self.opts.dir.join("model").join(version).join(variant.name);
+                write_variant(&dir, variant, 0x5EED + i as u64, version)?;
+                let dir = dir.display().to_string();
+                let mut argv = vec![
+                    "peat",
+                    "push",
+                    &dir,
+                    "--repository",
+                    &repository,
+                    "--version",
+                    version,
+                    "--variant",
+                    variant.name,
+                ];
+                argv.extend(variant.push_flags);
+                argv.push("--insecure");
+                self.command(&argv).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn start_nodes_and_controller(&mut self) -> Result<(), DemoError> {
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(self.client.clone());
+        let logs = self.opts.dir.join("logs");
+        let envs = vec![
+            ("KUBECONFIG".to_string(), self.env.kubeconfig.display().to_string()),
+            ("RUST_LOG".to_string(), "info,peat=debug".to_string()),
+        ];
+        for n in &NODES {
+            // No kubelet here: the Node object is made by hand, as a kubelet would register it.
+            let node = serde_json::json!({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": n.name, "labels": {"kubernetes.io/arch": "arm64", "kubernetes.io/os": "linux"}},
+            });
+            nodes.patch(n.name, &PatchParams::apply("peat-demo").force(), &Patch::Apply(&node)).await?;
+            let store = self.opts.dir.join("stores").join(n.name).display().to_string();
+            let args: Vec<String> = [
+                "agent",
+                "--node-name",
+                n.name,
+                "--store",
+                &store,
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--arch",
+                "arm64",
+                "--gpus",
+                "1",
+                "--gpu-memory",
+                n.gpu_memory,
+                "--providers",
+                n.providers,
+                "--max-bandwidth",
+                n.link,
+                "--storage-capacity",
+                n.storage,
+                "--heartbeat-interval",
+                "5s",
+                "--progress-interval",
+                "500ms",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            println!(
+                "    {:<14} arm64, 1 GPU with {:>4}, providers {:<18} link {:>3}B/s, store {}",
+                n.name, n.gpu_memory, n.providers, n.link, n.storage
+            );
+            let log = logs.join(format!("agent-{}.log", n.name));
+            let p = ManagedProcess::spawn_with_env(
+                &format!("agent-{}", n.name),
+                &self.opts.peat,
+                &args,
+                &envs,
+                &log,
+                Lifetime::TiedToThisProcess,
+            )
+            .map_err(io("starting peat agent"))?;
+            self.processes.push(p);
+        }
+        let args: Vec<String> = ["controller", "--metrics-addr", "127.0.0.1:0", "--lease-namespace", NAMESPACE]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let p = ManagedProcess::spawn_with_env(
+            "controller",
+            &self.opts.peat,
+            &args,
+            &envs,
+            &logs.join("controller.log"),
+            Lifetime::TiedToThisProcess,
+        )
+        .map_err(io("starting peat controller"))?;
+        self.processes.push(p);
+
+        // Wait for every agent's first heartbeat, so the controller plans with known capabilities.
+        let model_nodes: Api<ModelNode> = Api::all(self.client.clone());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let list = model_nodes.list(&ListParams::default()).await?;
+            if list.items.iter().filter(|n| n.status.as_ref().is_some_and(|s| s.last_heartbeat.is_some())).count()
+                == NODES.len()
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(DemoError::Timeout(format!(
+                    "the agents did not publish their ModelNodes within 60 s\n{}",
+                    self.log_tails()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        self.command(&["kubectl", "peat", "nodes"]).await?;
+        self._watch = Some(self.watch_deployments());
+        Ok(())
+    }
+
+    /// Records, per stage and node, when the node was told the stage's version and when it ran it.
+    fn watch_deployments(&self) -> AbortOnDrop {
+        let api: Api<ModelDeployment> = Api::namespaced(self.client.clone(), NAMESPACE);
+        let timings = self.timings.clone();
+        let changed = self.changed.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            let mut events =
+                std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff().applied_objects());
+            while let Some(ev) = events.next().await {
+                let Ok(md) = ev else { continue };
+                let now = Instant::now();
+                let mut t = timings.lock().expect("timings lock");
+                let Some((stage, version)) = t.stage.clone() else { continue };
+                if md.spec.version != version {
+                    continue;
+                }
+                let entry = t.by_node.entry((stage, md.spec.node_name.clone())).or_default();
+                entry.started.get_or_insert(now);
+                let Some(st) = md.status.as_ref() else { continue };
+                let active = st.phase == DeploymentPhase::Operational
+                    && st.active_version.as_deref() == Some(version.as_str())
+                    && st.observed_generation == md.metadata.generation;
+                if active && entry.finished.is_none() {
+                    entry.finished = Some(now);
+                    entry.variant = md.spec.variant.clone();
+                    entry.version = version.clone();
+                    entry.fetched = st.bytes_done;
+                    entry.reused = st.bytes_reused;
+                    changed.notify_waiters();
+                }
+            }
+        }))
+    }
+
+    /// Starts timing a stage (install, upgrade, rollback) towards `version`, before its command runs.
+    fn begin_stage(&self, index: usize, version: &'static str) -> Stage {
+        self.timings.lock().expect("timings lock").stage = Some((index, version.to_string()));
+        Stage { index, version, started: Instant::now() }
+    }
+
+    /// Follows `kubectl peat status --watch` until the rollout converges, then waits until the
+    /// watch here has seen each node run the version.
+    async fn finish_stage(&self, stage: Stage) -> Result<(), DemoError> {
+        let Stage { index, version, started } = stage;
+        let watch = self.command(&["kubectl", "peat", "status", MODEL, "--watch"]);
+        match tokio::time::timeout(STAGE_TIMEOUT, watch).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(DemoError::Timeout(format!(
+                    "{MODEL} did not converge on {version} within {} s\n{}",
+                    STAGE_TIMEOUT.as_secs(),
+                    self.log_tails()
+                )));
+            }
+        }
+        // The status says Converged; the watch here sees the same objects a moment later at most.
+        let all_done = async {
+            loop {
+                let notified = self.changed.notified();
+                let done = {
+                    let t = self.timings.lock().expect("timings lock");
+                    NODES
+                        .iter()
+                        .all(|n| t.by_node.get(&(index, n.name.to_string())).is_some_and(|s| s.finished.is_some()))
+                };
+                if done {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), all_done).await.map_err(|_| {
+            DemoError::Timeout(format!("the rollout converged, but not every ModelDeployment showed {version} active"))
+        })?;
+        println!("    converged on {version} in {:.1} s", started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// The last lines of the controller's and agents' logs, for a failure message.
+    fn log_tails(&self) -> String {
+        let mut out = String::new();
+        for p in &self.processes {
+            let log = self.opts.dir.join("logs").join(format!("{}.log", p.name));
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let _ = writeln!(out, "--- last lines of {} ---", log.display());
+            for l in &lines[lines.len().saturating_sub(15)..] {
+                let _ = writeln!(out, "{l}");
+            }
+        }
+        out
+    }
+
+    /// The per-node table, and a check of what each node's store holds.
+    fn summary(&self, started: Instant) -> Result<String, DemoError> {
+        let t = self.timings.lock().expect("timings lock");
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{:<14} {:<9} {:<10} {:<8} {:>10} {:>10} {:>8}",
+            "NODE", "STAGE", "VARIANT", "VERSION", "FETCHED", "REUSED", "TIME"
+        );
+        let mut upgrade = (0i64, 0i64);
+        for n in &NODES {
+            for (i, stage) in ["install", "upgrade", "rollback"].iter().enumerate() {
+                let s = t.by_node.get(&(i, n.name.to_string())).cloned().unwrap_or_default();
+                let time = match (s.started, s.finished) {
+                    (Some(a), Some(b)) => format!("{:.1} s", b.duration_since(a).as_secs_f64()),
+                    _ => "-".into(),
+                };
+                if i == 1 {
+                    upgrade = (upgrade.0 + s.fetched, upgrade.1 + s.reused);
+                }
+                let _ = writeln!(
+                    out,
+                    "{:<14} {:<9} {:<10} {:<8} {:>10} {:>10} {:>8}",
+                    if i == 0 { n.name } else { "" },
+                    stage,
+                    s.variant,
+                    s.version,
+                    HumanBytes(s.fetched.max(0) as u64).to_string(),
+                    HumanBytes(s.reused.max(0) as u64).to_string(),
+                    time
+                );
+            }
+        }
+        let total = upgrade.0 + upgrade.1;
+        if total > 0 {
+            let _ = writeln!(
+                out,
+                "\nThe upgrade fetched {} and reused {} already on the nodes: {:.1}% of its bytes crossed the network.",
+                HumanBytes(upgrade.0 as u64),
+                HumanBytes(upgrade.1 as u64),
+                100.0 * upgrade.0 as f64 / total as f64
+            );
+        }
+        // What `current` points at on each node's disk: the ground truth behind the status.
+        let mut active = Vec::new();
+        for n in &NODES {
+            let current = self.opts.dir.join("stores").join(n.name).join("models").join(MODEL).join("current");
+            let target = std::fs::read_link(&current).map_err(io(format!("reading {}", current.display())))?;
+            let version = target.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            active.push(format!("{}={version}", n.name));
+            if version != FIRST {
+                return Err(DemoError::Timeout(format!("{} runs {version}, not {FIRST}", n.name)));
+            }
+        }
+        let _ = writeln!(
+            out,
+            "Every node converged; each store's `current` is {FIRST} ({}).\nDemo done in {:.0} s; logs in {}.",
+            active.join(", "),
+            started.elapsed().as_secs_f64(),
+            self.opts.dir.join("logs").display()
+        );
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_is_pointed_at_the_local_registry_and_nothing_else_changes() {
+        let example = "spec:\n  source:\n    repository: registry.example:5000/models/x\n  priority: High\n";
+        let local = local_rollout(example, "127.0.0.1:5000/models/x");
+        assert_eq!(
+            local,
+            "spec:\n  source:\n    repository: 127.0.0.1:5000/models/x\n    insecure: true\n  priority: High\n"
+        );
+    }
+
+    #[test]
+    fn the_second_version_changes_three_mebibytes_of_the_weights() {
+        let dir = std::env::temp_dir().join(format!("peat-demo-unit-{}", std::process::id()));
+        let v = &VARIANTS[1];
+        write_variant(&dir.join("a"), v, 7, FIRST).unwrap();
+        write_variant(&dir.join("b"), v, 7, SECOND).unwrap();
+        let a = std::fs::read(dir.join("a/model.onnx")).unwrap();
+        let b = std::fs::read(dir.join("b/model.onnx")).unwrap();
+        let differing = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+        assert_eq!(a.len(), b.len());
+        // Random replacement bytes equal the old ones 1 time in 256.
+        assert!((3 * (1 << 20) * 99 / 100..=3 << 20).contains(&differing), "{differing} bytes differ");
+        assert_eq!(std::fs::read(dir.join("a/labels.txt")).unwrap(), std::fs::read(dir.join("b/labels.txt")).unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
