@@ -41,7 +41,12 @@ fn find<'a>(objs: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
 
 #[test]
 fn lint_passes_with_every_values_file() {
-    for values in ["", "charts/peat-operator/ci/ha-values.yaml", "charts/peat-operator/ci/monitoring-values.yaml"] {
+    for values in [
+        "",
+        "charts/peat-operator/ci/ha-values.yaml",
+        "charts/peat-operator/ci/monitoring-values.yaml",
+        "charts/peat-operator/ci/gpu-values.yaml",
+    ] {
         let mut args = vec!["lint", CHART, KUBE, "--strict"];
         if !values.is_empty() {
             args.extend(["-f", values]);
@@ -103,13 +108,29 @@ fn values_files_change_what_they_say() {
 
     let objs = render(&["charts/peat-operator/ci/controller-only-values.yaml"]);
     assert!(!objs.iter().any(|o| o["kind"] == "DaemonSet"));
+
+    let objs = render(&["charts/peat-operator/ci/gpu-values.yaml"]);
+    let pod = &find(&objs, "DaemonSet", "peat-peat-operator-agent").unwrap()["spec"]["template"]["spec"];
+    assert_eq!(pod["runtimeClassName"], "nvidia");
+    let container = &pod["containers"][0];
+    assert!(container["args"].as_array().unwrap().contains(&"--providers=cuda,tensorrt,cpu".into()), "{container}");
+    assert!(container["env"].as_array().unwrap().iter().any(|e| e["name"] == "NVIDIA_VISIBLE_DEVICES"), "{container}");
+    // Without it, no NVIDIA runtime and no NVIDIA variables.
+    let objs = render(&[]);
+    let pod = &find(&objs, "DaemonSet", "peat-peat-operator-agent").unwrap()["spec"]["template"]["spec"];
+    assert!(pod.get("runtimeClassName").is_none() && !pod["containers"][0]["env"].to_string().contains("NVIDIA"));
 }
 
 #[test]
 fn the_schema_refuses_bad_values() {
-    for bad in
-        ["controller.replicas=-1", "agent.store=relative/path", "agent.maxBandwidth=fast", "controller.logFormat=xml"]
-    {
+    for bad in [
+        "controller.replicas=-1",
+        "agent.store=relative/path",
+        "agent.maxBandwidth=fast",
+        "controller.logFormat=xml",
+        "agent.extraArgs={providers=cuda}",
+        "agent.runtimeClassName=NVIDIA_Runtime",
+    ] {
         let (ok, text) = helm(&["template", "peat", CHART, KUBE, "--set", bad]);
         assert!(!ok, "{bad} was accepted");
         assert!(text.contains("values don't meet the specifications of the schema"), "{bad}: {text}");
@@ -120,7 +141,7 @@ fn the_schema_refuses_bad_values() {
 
 #[test]
 fn the_rendered_arguments_are_ones_peat_accepts() {
-    let objs = render(&["charts/peat-operator/ci/ha-values.yaml"]);
+    let objs = render(&["charts/peat-operator/ci/ha-values.yaml", "charts/peat-operator/ci/gpu-values.yaml"]);
     for (kind, name) in [("Deployment", "peat-peat-operator-controller"), ("DaemonSet", "peat-peat-operator-agent")] {
         let obj = find(&objs, kind, name).unwrap();
         let args: Vec<String> = obj["spec"]["template"]["spec"]["containers"][0]["args"]
