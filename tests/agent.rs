@@ -557,3 +557,26 @@ async fn two_models_sharing_a_layer_fetch_it_once() {
     let unique = (10 * MI) as f64;
     assert!(wire as f64 <= 1.05 * unique, "the shared layer crossed the link once: {wire} bytes for {unique}");
 }
+
+#[tokio::test]
+async fn node_annotations_give_what_detection_cannot_see_and_flags_win_over_them() {
+    let s = setup("agent-annotations").await;
+    // A Jetson: no NVML, so an administrator annotates its Node; one flag of the DaemonSet differs.
+    let node = s.node("jetson");
+    create_node(&s.ctx.client, &node, &[]).await;
+    let nodes: Api<Node> = Api::all(s.ctx.client.clone());
+    let annotations = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node, "annotations": {
+        "peat.dev/arch": "aarch64", "peat.dev/gpus": "1", "peat.dev/gpu-memory": "8Gi",
+        "peat.dev/providers": "cuda,tensorrt,cpu", "peat.dev/storage": "ignored: not a capability"}}});
+    nodes.patch(&node, &PatchParams::apply("peat-admin").force(), &Patch::Apply(&annotations)).await.unwrap();
+    let _agent = start_agent(&node, &s.dir.join("store-jetson"), &["--gpu-memory", "16Gi"]);
+
+    let mns: Api<ModelNode> = Api::all(s.ctx.client.clone());
+    support::wait_for(mns.clone(), &node, "the ModelNode's first heartbeat", T, |mn: Option<&ModelNode>| {
+        mn.and_then(|m| m.status.as_ref()).is_some_and(|st| st.last_heartbeat.is_some())
+    })
+    .await;
+    let st = mns.get(&node).await.unwrap().status.unwrap();
+    assert_eq!((st.arch.as_deref(), st.gpus, st.gpu_memory_bytes), (Some("arm64"), 1, 16 << 30));
+    assert_eq!(st.providers, ["cuda", "tensorrt", "cpu"]);
+}

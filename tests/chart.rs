@@ -23,12 +23,19 @@ const KUBE: &str = "--kube-version=1.37.2";
 
 /// The rendered objects of the chart with `values` files.
 fn render(values: &[&str]) -> Vec<Value> {
+    render_with(values.iter().flat_map(|v| ["-f", v]).collect())
+}
+
+/// The rendered objects of the chart with `--set` values.
+fn render_set(sets: &[&str]) -> Vec<Value> {
+    render_with(sets.iter().flat_map(|v| ["--set", v]).collect())
+}
+
+fn render_with(extra: Vec<&str>) -> Vec<Value> {
     let mut args = vec!["template", "peat", CHART, KUBE, "--namespace", "peat-system"];
-    for v in values {
-        args.extend(["-f", v]);
-    }
+    args.extend(&extra);
     let (ok, text) = helm(&args);
-    assert!(ok, "helm template {values:?}: {text}");
+    assert!(ok, "helm template {extra:?}: {text}");
     text.split("\n---")
         .filter(|doc| doc.lines().any(|l| l.starts_with("kind:")))
         .map(|doc| serde_saphyr::from_str::<Value>(doc).unwrap_or_else(|e| panic!("{e}\n{doc}")))
@@ -115,7 +122,11 @@ fn values_files_change_what_they_say() {
     let container = &pod["containers"][0];
     assert!(container["args"].as_array().unwrap().contains(&"--providers=cuda,tensorrt,cpu".into()), "{container}");
     assert!(container["env"].as_array().unwrap().iter().any(|e| e["name"] == "NVIDIA_VISIBLE_DEVICES"), "{container}");
-    // Without it, no NVIDIA runtime and no NVIDIA variables.
+    // A runtime class alone (gVisor, Kata) asks nothing of NVIDIA; without one, no runtime class.
+    let objs = render_set(&["agent.runtimeClassName=gvisor"]);
+    let pod = &find(&objs, "DaemonSet", "peat-peat-operator-agent").unwrap()["spec"]["template"]["spec"];
+    assert_eq!(pod["runtimeClassName"], "gvisor");
+    assert!(!pod["containers"][0]["env"].to_string().contains("NVIDIA"), "{pod}");
     let objs = render(&[]);
     let pod = &find(&objs, "DaemonSet", "peat-peat-operator-agent").unwrap()["spec"]["template"]["spec"];
     assert!(pod.get("runtimeClassName").is_none() && !pod["containers"][0]["env"].to_string().contains("NVIDIA"));
@@ -130,6 +141,7 @@ fn the_schema_refuses_bad_values() {
         "controller.logFormat=xml",
         "agent.extraArgs={providers=cuda}",
         "agent.runtimeClassName=NVIDIA_Runtime",
+        "agent.runtimeClassName=a..b",
     ] {
         let (ok, text) = helm(&["template", "peat", CHART, KUBE, "--set", bad]);
         assert!(!ok, "{bad} was accepted");

@@ -23,6 +23,54 @@ fn parse_quantity(s: &str) -> Result<u64, String> {
     crate::api::quantity::parse_bytes(s).map_err(|e| e.to_string())
 }
 
+/// Node annotations an administrator sets where detection cannot see (Jetson has no NVML) or where
+/// one DaemonSet serves differing nodes: `kubectl annotate node jetson-1 peat.dev/gpu-memory=8Gi`.
+pub const ANNOTATION_ARCH: &str = "peat.dev/arch";
+/// See [`ANNOTATION_ARCH`]: the GPU count.
+pub const ANNOTATION_GPUS: &str = "peat.dev/gpus";
+/// See [`ANNOTATION_ARCH`]: memory of the largest GPU (`8Gi`).
+pub const ANNOTATION_GPU_MEMORY: &str = "peat.dev/gpu-memory";
+/// See [`ANNOTATION_ARCH`]: execution providers, comma-separated.
+pub const ANNOTATION_PROVIDERS: &str = "peat.dev/providers";
+
+impl Overrides {
+    /// These overrides, with the node's `peat.dev/…` annotations filling what no flag sets (a flag
+    /// wins over an annotation, an annotation over detection). A malformed annotation is left out
+    /// and named in the returned problems, so the agent can say so and run on.
+    pub fn with_annotations(
+        &self,
+        annotations: &std::collections::BTreeMap<String, String>,
+    ) -> (Overrides, Vec<String>) {
+        let mut out = self.clone();
+        let mut problems = Vec::new();
+        let get = |k: &str| annotations.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
+        if out.arch.is_none() {
+            out.arch = get(ANNOTATION_ARCH).map(crate::plan::scope::normalize_arch);
+        }
+        if out.gpus.is_none()
+            && let Some(v) = get(ANNOTATION_GPUS)
+        {
+            match v.parse::<i32>() {
+                Ok(n) if n >= 0 => out.gpus = Some(n),
+                _ => problems.push(format!("{ANNOTATION_GPUS}={v:?} is not a count of GPUs")),
+            }
+        }
+        if out.gpu_memory.is_none()
+            && let Some(v) = get(ANNOTATION_GPU_MEMORY)
+        {
+            match parse_quantity(v) {
+                Ok(n) => out.gpu_memory = Some(n),
+                Err(e) => problems.push(format!("{ANNOTATION_GPU_MEMORY}={v:?}: {e}")),
+            }
+        }
+        if out.providers.is_none() {
+            out.providers = get(ANNOTATION_PROVIDERS)
+                .map(|v| v.split(',').map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect());
+        }
+        (out, problems)
+    }
+}
+
 /// The node's capabilities as published in its ModelNode.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Capabilities {
@@ -92,6 +140,40 @@ mod tests {
         let c = detect(&Overrides { gpus: Some(0), gpu_memory: Some(0), ..Default::default() });
         assert_eq!(c.providers, vec!["cpu".to_string()]);
         assert!(!c.arch.is_empty() && c.arch != "x86_64");
+    }
+
+    #[test]
+    fn node_annotations_fill_what_no_flag_sets() {
+        let ann: std::collections::BTreeMap<String, String> = [
+            (ANNOTATION_ARCH, "aarch64"),
+            (ANNOTATION_GPUS, "1"),
+            (ANNOTATION_GPU_MEMORY, "8Gi"),
+            (ANNOTATION_PROVIDERS, "cuda, tensorrt,cpu"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let (o, problems) = Overrides::default().with_annotations(&ann);
+        assert!(problems.is_empty(), "{problems:?}");
+        let c = detect(&o);
+        assert_eq!((c.arch.as_str(), c.gpus, c.gpu_memory_bytes), ("arm64", 1, 8 << 30));
+        assert_eq!(c.providers, ["cuda", "tensorrt", "cpu"]);
+
+        // A flag wins over the annotation.
+        let flags = Overrides { gpu_memory: Some(4 << 30), ..Default::default() };
+        let (o, _) = flags.with_annotations(&ann);
+        assert_eq!(o.gpu_memory, Some(4 << 30));
+
+        // Malformed values are named and left out; the rest still applies.
+        let bad: std::collections::BTreeMap<String, String> =
+            [(ANNOTATION_GPUS, "two"), (ANNOTATION_GPU_MEMORY, "lots"), (ANNOTATION_ARCH, "arm64")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        let (o, problems) = Overrides::default().with_annotations(&bad);
+        assert_eq!((o.gpus, o.gpu_memory, o.arch.as_deref()), (None, None, Some("arm64")));
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("peat.dev/gpus=\"two\""), "{problems:?}");
     }
 
     #[test]

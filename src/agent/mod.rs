@@ -279,13 +279,34 @@ enum Event {
     Done(Box<Finished>),
 }
 
+/// The capability flags, completed by the Node's `peat.dev/…` annotations (read once, at start).
+async fn node_overrides(client: &Client, opts: &Options) -> Overrides {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let annotations = match nodes.get_opt(&opts.node_name).await {
+        Ok(Some(node)) => node.metadata.annotations.unwrap_or_default(),
+        Ok(None) => {
+            warn!(node = %opts.node_name, "no Node of this name: capabilities from flags and detection only");
+            return opts.capabilities.clone();
+        }
+        Err(e) => {
+            warn!(node = %opts.node_name, error = %e, "reading the Node failed: capabilities from flags and detection only");
+            return opts.capabilities.clone();
+        }
+    };
+    let (overrides, problems) = opts.capabilities.with_annotations(&annotations);
+    for p in problems {
+        warn!(node = %opts.node_name, "ignoring a capability annotation: {p}");
+    }
+    overrides
+}
+
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     crate::telemetry::init(opts.log_format);
     let client = Client::try_default().await?;
     let store =
         Store::open(&opts.store).map_err(|e| anyhow::anyhow!("opening the store {}: {e}", opts.store.display()))?;
-    let caps = capabilities::detect(&opts.capabilities);
+    let caps = capabilities::detect(&node_overrides(&client, &opts).await);
     info!(node = %opts.node_name, store = %store.root().display(), ?caps, "starting");
     let shutdown = crate::telemetry::shutdown_on_signals();
     let mut registry = Registry::default();

@@ -133,22 +133,16 @@ async fn demo(dir: &std::path::Path) -> ExitCode {
         dir: std::path::absolute(dir).unwrap_or(dir.to_path_buf()),
         peat,
     };
-    // Ctrl-C drops the demo future: its Drop stops the agents, the controller and the environment.
-    let mut run = Box::pin(peat::testenv::demo::run(opts));
-    tokio::select! {
-        r = &mut run => match r {
-            Ok(_) => ExitCode::SUCCESS,
-            Err(e) => {
-                drop(run);
-                eprintln!("\npeat-testenv demo failed (everything it started is stopped): {e}");
-                ExitCode::FAILURE
-            }
-        },
-        _ = tokio::signal::ctrl_c() => {
-            eprintln!("\ninterrupted: stopping the agents, the controller and the environment …");
-            drop(run);
-            eprintln!("torn down.");
+    // Ctrl-C and SIGTERM are handled inside: it stops what it started, then says Interrupted.
+    match peat::testenv::demo::run(opts).await {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(peat::testenv::demo::DemoError::Interrupted(_)) => {
+            eprintln!("torn down; the logs stay in {}/logs", dir.display());
             ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("\npeat-testenv demo failed (everything it started is stopped): {e}");
+            ExitCode::FAILURE
         }
     }
 }

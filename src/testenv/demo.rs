@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use indicatif::HumanBytes;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use thiserror::Error;
 use tokio::sync::Notify;
@@ -31,6 +31,8 @@ const NAMESPACE: &str = "default";
 /// The version `examples/rollout.yaml` names, and the one the demo upgrades to.
 const FIRST: &str = "4.2.1";
 const SECOND: &str = "4.3.0";
+/// Marks a directory the demo made, so `--demo-dir` never clears anything else.
+const MARKER: &str = ".peat-demo";
 /// How long one stage (install, upgrade, rollback) may take before the demo gives up loudly.
 const STAGE_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -59,6 +61,15 @@ pub enum DemoError {
     /// A step did not finish in time.
     #[error("{0}")]
     Timeout(String),
+    /// The end state is not what the demo promised.
+    #[error("{0}")]
+    NotConverged(String),
+    /// `--demo-dir` names a directory the demo did not make.
+    #[error("{0} exists and is not a demo work directory (it has no {MARKER}); choose another --demo-dir")]
+    NotADemoDir(String),
+    /// SIGINT or SIGTERM.
+    #[error("{0}")]
+    Interrupted(&'static str),
     /// The API server refused or failed.
     #[error("kubernetes: {0}")]
     Kube(#[from] kube::Error),
@@ -151,15 +162,6 @@ struct Stage {
     started: Instant,
 }
 
-/// Aborts a spawned task when dropped, so an interrupted demo leaves no watch running.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 fn header(step: usize, text: &str) {
     use std::io::IsTerminal;
     if std::io::stdout().is_terminal() {
@@ -174,7 +176,43 @@ fn show_command(cmd: &[String]) {
     let _ = std::io::stdout().flush();
 }
 
-/// The running demo's pieces, dropped (and so stopped) in reverse order of creation.
+/// The work directory: made (or cleared, when it is one of ours) at start; on drop everything but
+/// `logs/` and the marker is removed, whatever step the demo reached.
+struct WorkDir(PathBuf);
+
+impl WorkDir {
+    fn create(dir: &Path) -> Result<WorkDir, DemoError> {
+        let foreign =
+            std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some()) && !dir.join(MARKER).exists();
+        if foreign {
+            return Err(DemoError::NotADemoDir(dir.display().to_string()));
+        }
+        match std::fs::remove_dir_all(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("clearing the demo directory")(e)),
+            _ => {}
+        }
+        for d in ["logs", "bin", "stores", "model"] {
+            std::fs::create_dir_all(dir.join(d)).map_err(io(format!("creating {d}/")))?;
+        }
+        std::fs::write(dir.join(MARKER), "made by peat-testenv demo; cleared by its next run\n")
+            .map_err(io("writing the marker"))?;
+        Ok(WorkDir(dir.to_path_buf()))
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        for entry in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
+            let (name, path) = (entry.file_name(), entry.path());
+            if name == "logs" || name == MARKER {
+                continue;
+            }
+            let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        }
+    }
+}
+
+/// The running demo's pieces. [`Demo::shutdown`] takes them down in order.
 struct Demo {
     opts: DemoOptions,
     env: TestEnv,
@@ -184,35 +222,84 @@ struct Demo {
     timings: Arc<Mutex<Timings>>,
     changed: Arc<Notify>,
     processes: Vec<ManagedProcess>,
-    _watch: Option<AbortOnDrop>,
+    watch: Option<tokio::task::JoinHandle<()>>,
+    /// Last: cleared after the processes are gone.
+    _work: WorkDir,
 }
 
 impl Drop for Demo {
     fn drop(&mut self) {
-        // Our own watch first: an open watch holds kube-apiserver's graceful shutdown up.
-        self._watch.take();
-        // Agents and controller next, while the API server they talk to still runs.
+        if let Some(w) = self.watch.take() {
+            w.abort();
+        }
+        // Agents and controller first, while the API server they talk to still runs.
         for p in self.processes.iter_mut().rev() {
-            p.stop(Duration::from_secs(10));
+            p.stop(Duration::from_secs(5));
         }
         self.env.stop();
-        for d in ["model", "stores", "bin", "rollout.yaml"] {
-            let p = self.opts.dir.join(d);
-            let _ = if p.is_dir() { std::fs::remove_dir_all(p) } else { std::fs::remove_file(p) };
+    }
+}
+
+impl Demo {
+    /// Closes the demo's own watch (an open watch holds kube-apiserver's graceful shutdown up),
+    /// then stops agents, controller and environment off the runtime. A second Ctrl-C or SIGTERM
+    /// meanwhile exits at once: the processes are tied to this one and die with it.
+    async fn shutdown(mut self) {
+        if let Some(w) = self.watch.take() {
+            w.abort();
+            let _ = w.await;
+        }
+        let teardown = tokio::task::spawn_blocking(move || drop(self));
+        tokio::select! {
+            _ = teardown => {}
+            _ = interrupted() => {
+                eprintln!("second signal: killing everything at once");
+                std::process::exit(130);
+            }
         }
     }
 }
 
-/// Runs the demo to its summary (returned as text, already printed).
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "interrupted (Ctrl-C)",
+        Some(_) = async { term.as_mut()?.recv().await } => "terminated (SIGTERM)",
+    }
+}
+
+/// Runs the demo to its summary (returned as text, already printed). On Ctrl-C or SIGTERM it
+/// stops what it started and returns [`DemoError::Interrupted`].
 pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
+    let mut slot = None;
+    let result = tokio::select! {
+        biased;
+        why = interrupted() => Err(DemoError::Interrupted(why)),
+        r = steps(opts, &mut slot) => r,
+    };
+    // A command killed by the same Ctrl-C may finish first; it is the interruption all the same.
+    let result = match result {
+        Err(DemoError::Command { status, .. })
+            if std::os::unix::process::ExitStatusExt::signal(&status) == Some(libc::SIGINT) =>
+        {
+            Err(DemoError::Interrupted("interrupted (Ctrl-C)"))
+        }
+        other => other,
+    };
+    if let Err(DemoError::Interrupted(why)) = &result {
+        eprintln!("\n{why}: stopping the agents, the controller and the environment (again to kill at once) …");
+    }
+    if let Some(demo) = slot.take() {
+        demo.shutdown().await;
+    }
+    result
+}
+
+async fn steps(opts: DemoOptions, slot: &mut Option<Demo>) -> Result<String, DemoError> {
     let started = Instant::now();
-    match std::fs::remove_dir_all(&opts.dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("clearing the demo directory")(e)),
-        _ => {}
-    }
-    for d in ["logs", "bin", "stores", "model"] {
-        std::fs::create_dir_all(opts.dir.join(d)).map_err(io(format!("creating {d}/")))?;
-    }
+    let work = WorkDir::create(&opts.dir)?;
     println!(
         "peat-operator demo: {MODEL} on three differently capable arm64 nodes\n\
          (work directory {}; logs stay in its logs/; Ctrl-C tears everything down)",
@@ -245,7 +332,7 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
         t.elapsed().as_secs_f64()
     );
     let client = env.client().await?;
-    let mut demo = Demo {
+    let demo = slot.insert(Demo {
         opts,
         env,
         path,
@@ -253,8 +340,9 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
         timings: Arc::default(),
         changed: Arc::default(),
         processes: Vec::new(),
-        _watch: None,
-    };
+        watch: None,
+        _work: work,
+    });
 
     header(2, "a generated model: 2 versions × 2 variants, pushed with `peat push`");
     demo.push_model().await?;
@@ -271,6 +359,10 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
     println!(
         "    {}: examples/rollout.yaml with source.repository {repository}, insecure (plain HTTP)",
         rollout.display()
+    );
+    println!(
+        "    its scope (arm64, at least 4 GiB of GPU memory) takes all three nodes; fp16-cuda needs 6 GiB,\n    \
+         so edge-nano-3 gets int8-cpu; at most 25% of the targets (one node) download at once"
     );
     let stage = demo.begin_stage(0, FIRST);
     demo.command(&["kubectl", "apply", "-f", &rollout.display().to_string()]).await?;
@@ -396,19 +488,25 @@ impl Demo {
     }
 
     async fn start_nodes_and_controller(&mut self) -> Result<(), DemoError> {
-        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(self.client.clone());
         let logs = self.opts.dir.join("logs");
         let envs = vec![
             ("KUBECONFIG".to_string(), self.env.kubeconfig.display().to_string()),
             ("RUST_LOG".to_string(), "info,peat=debug".to_string()),
         ];
+        // No kubelet here: the Node objects are made by hand, as each kubelet would register itself.
+        let nodes_yaml: String = NODES
+            .iter()
+            .map(|n| {
+                format!(
+                    "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {}\n  labels: {{kubernetes.io/arch: arm64, kubernetes.io/os: linux}}\n",
+                    n.name
+                )
+            })
+            .collect();
+        let nodes_file = self.opts.dir.join("nodes.yaml");
+        std::fs::write(&nodes_file, nodes_yaml).map_err(io("writing nodes.yaml"))?;
+        self.command(&["kubectl", "apply", "-f", &nodes_file.display().to_string()]).await?;
         for n in &NODES {
-            // No kubelet here: the Node object is made by hand, as a kubelet would register it.
-            let node = serde_json::json!({
-                "apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": n.name, "labels": {"kubernetes.io/arch": "arm64", "kubernetes.io/os": "linux"}},
-            });
-            nodes.patch(n.name, &PatchParams::apply("peat-demo").force(), &Patch::Apply(&node)).await?;
             let store = self.opts.dir.join("stores").join(n.name).display().to_string();
             let args: Vec<String> = [
                 "agent",
@@ -416,8 +514,6 @@ impl Demo {
                 n.name,
                 "--store",
                 &store,
-                "--metrics-addr",
-                "127.0.0.1:0",
                 "--arch",
                 "arm64",
                 "--gpus",
@@ -430,6 +526,8 @@ impl Demo {
                 n.link,
                 "--storage-capacity",
                 n.storage,
+                "--metrics-addr",
+                "127.0.0.1:0",
                 "--heartbeat-interval",
                 "5s",
                 "--progress-interval",
@@ -438,11 +536,8 @@ impl Demo {
             .iter()
             .map(|s| s.to_string())
             .collect();
-            println!(
-                "    {:<14} arm64, 1 GPU with {:>4}, providers {:<18} link {:>3}B/s, store {}",
-                n.name, n.gpu_memory, n.providers, n.link, n.storage
-            );
             let log = logs.join(format!("agent-{}.log", n.name));
+            println!("$ peat {} > {} 2>&1 &", args.join(" "), log.display());
             let p = ManagedProcess::spawn_with_env(
                 &format!("agent-{}", n.name),
                 &self.opts.peat,
@@ -458,12 +553,14 @@ impl Demo {
             .iter()
             .map(|s| s.to_string())
             .collect();
+        let log = logs.join("controller.log");
+        println!("$ peat {} > {} 2>&1 &", args.join(" "), log.display());
         let p = ManagedProcess::spawn_with_env(
             "controller",
             &self.opts.peat,
             &args,
             &envs,
-            &logs.join("controller.log"),
+            &log,
             Lifetime::TiedToThisProcess,
         )
         .map_err(io("starting peat controller"))?;
@@ -488,16 +585,16 @@ impl Demo {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         self.command(&["kubectl", "peat", "nodes"]).await?;
-        self._watch = Some(self.watch_deployments());
+        self.watch = Some(self.watch_deployments());
         Ok(())
     }
 
     /// Records, per stage and node, when the node was told the stage's version and when it ran it.
-    fn watch_deployments(&self) -> AbortOnDrop {
+    fn watch_deployments(&self) -> tokio::task::JoinHandle<()> {
         let api: Api<ModelDeployment> = Api::namespaced(self.client.clone(), NAMESPACE);
         let timings = self.timings.clone();
         let changed = self.changed.clone();
-        AbortOnDrop(tokio::spawn(async move {
+        tokio::spawn(async move {
             let mut events =
                 std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff().applied_objects());
             while let Some(ev) = events.next().await {
@@ -523,7 +620,7 @@ impl Demo {
                     changed.notify_waiters();
                 }
             }
-        }))
+        })
     }
 
     /// Starts timing a stage (install, upgrade, rollback) towards `version`, before its command runs.
@@ -636,7 +733,7 @@ impl Demo {
             let version = target.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
             active.push(format!("{}={version}", n.name));
             if version != FIRST {
-                return Err(DemoError::Timeout(format!("{} runs {version}, not {FIRST}", n.name)));
+                return Err(DemoError::NotConverged(format!("{} runs {version}, not {FIRST}", n.name)));
             }
         }
         let _ = writeln!(
