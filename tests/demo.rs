@@ -45,17 +45,28 @@ fn assert_torn_down(dir: &Path) {
         std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     left.sort();
     assert_eq!(left, [".peat-demo", "logs"], "the demo left more than its logs in {}", dir.display());
-    // No process of it runs on: each has the directory in its command line (store, data dir, config).
+    // No process of it runs on: each has the directory in its command line (store, data dir,
+    // config) or its environment (KUBECONFIG of the controller and the kubectl commands).
     let needle = dir.display().to_string();
     let alive: Vec<String> = std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().chars().all(|c| c.is_ascii_digit()))
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains(&needle))
+        .filter_map(|e| {
+            let read =
+                |f: &str| std::fs::read(e.path().join(f)).map(|c| String::from_utf8_lossy(&c).replace('\0', " "));
+            let (cmdline, environ) = (read("cmdline").ok()?, read("environ").unwrap_or_default());
+            (cmdline.contains(&needle) || environ.contains(&needle)).then_some(cmdline)
+        })
         .collect();
     assert!(alive.is_empty(), "processes of the demo outlived it: {alive:#?}");
+    // Each agent and the controller were stopped by SIGTERM (not killed with the demo).
+    for log in ["controller.log", "agent-edge-orin-1.log", "agent-edge-xavier-2.log", "agent-edge-nano-3.log"] {
+        let text = std::fs::read_to_string(dir.join("logs").join(log)).unwrap_or_default();
+        assert!(text.contains("shutting down"), "{log} shows no orderly shutdown:\n{text}");
+    }
+    // The environment's own logs are kept too.
+    assert!(dir.join("logs/env").read_dir().is_ok_and(|mut d| d.next().is_some()), "no logs/env in {}", dir.display());
 }
 
 #[test]

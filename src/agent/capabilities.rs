@@ -44,8 +44,14 @@ impl Overrides {
         let mut out = self.clone();
         let mut problems = Vec::new();
         let get = |k: &str| annotations.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
-        if out.arch.is_none() {
-            out.arch = get(ANNOTATION_ARCH).map(crate::plan::scope::normalize_arch);
+        if out.arch.is_none()
+            && let Some(v) = get(ANNOTATION_ARCH)
+        {
+            if v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                out.arch = Some(crate::plan::scope::normalize_arch(v));
+            } else {
+                problems.push(format!("{ANNOTATION_ARCH}={v:?} is not an architecture name (amd64, arm64 …)"));
+            }
         }
         if out.gpus.is_none()
             && let Some(v) = get(ANNOTATION_GPUS)
@@ -63,9 +69,15 @@ impl Overrides {
                 Err(e) => problems.push(format!("{ANNOTATION_GPU_MEMORY}={v:?}: {e}")),
             }
         }
-        if out.providers.is_none() {
-            out.providers = get(ANNOTATION_PROVIDERS)
-                .map(|v| v.split(',').map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect());
+        if out.providers.is_none()
+            && let Some(v) = get(ANNOTATION_PROVIDERS)
+        {
+            let list: Vec<String> = v.split(',').map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect();
+            if list.is_empty() {
+                problems.push(format!("{ANNOTATION_PROVIDERS}={v:?} names no provider"));
+            } else {
+                out.providers = Some(list);
+            }
         }
         (out, problems)
     }
@@ -100,7 +112,9 @@ fn nvml_gpus() -> Option<(i32, i64)> {
 /// Detects the node's capabilities, with `overrides` taking precedence.
 pub fn detect(overrides: &Overrides) -> Capabilities {
     let arch = overrides.arch.clone().unwrap_or_else(|| crate::plan::scope::normalize_arch(std::env::consts::ARCH));
-    let gpu = if overrides.gpus.is_some() && overrides.gpu_memory.is_some() { None } else { nvml_gpus() };
+    // "No GPU" said outright also means no GPU memory, whatever NVML would report.
+    let no_gpu = overrides.gpus == Some(0);
+    let gpu = if no_gpu || (overrides.gpus.is_some() && overrides.gpu_memory.is_some()) { None } else { nvml_gpus() };
     let gpus = overrides.gpus.or(gpu.map(|g| g.0)).unwrap_or(0);
     let gpu_memory_bytes = overrides.gpu_memory.map(|m| m as i64).or(gpu.map(|g| g.1)).unwrap_or(0);
     let providers = overrides.providers.clone().unwrap_or_else(|| {
@@ -139,6 +153,9 @@ mod tests {
         assert_eq!(c.providers, vec!["cpu".to_string(), "cuda".to_string()]);
         let c = detect(&Overrides { gpus: Some(0), gpu_memory: Some(0), ..Default::default() });
         assert_eq!(c.providers, vec!["cpu".to_string()]);
+        // No GPU means no GPU memory, without asking NVML.
+        let c = detect(&Overrides { gpus: Some(0), ..Default::default() });
+        assert_eq!((c.gpus, c.gpu_memory_bytes), (0, 0));
         assert!(!c.arch.is_empty() && c.arch != "x86_64");
     }
 
@@ -165,15 +182,23 @@ mod tests {
         assert_eq!(o.gpu_memory, Some(4 << 30));
 
         // Malformed values are named and left out; the rest still applies.
-        let bad: std::collections::BTreeMap<String, String> =
-            [(ANNOTATION_GPUS, "two"), (ANNOTATION_GPU_MEMORY, "lots"), (ANNOTATION_ARCH, "arm64")]
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
+        let bad: std::collections::BTreeMap<String, String> = [
+            (ANNOTATION_GPUS, "two"),
+            (ANNOTATION_GPU_MEMORY, "lots"),
+            (ANNOTATION_PROVIDERS, " , "),
+            (ANNOTATION_ARCH, "arm64"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
         let (o, problems) = Overrides::default().with_annotations(&bad);
-        assert_eq!((o.gpus, o.gpu_memory, o.arch.as_deref()), (None, None, Some("arm64")));
-        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert_eq!((o.gpus, o.gpu_memory, o.providers, o.arch.as_deref()), (None, None, None, Some("arm64")));
+        assert_eq!(problems.len(), 3, "{problems:?}");
         assert!(problems[0].contains("peat.dev/gpus=\"two\""), "{problems:?}");
+        assert!(problems[2].contains("names no provider"), "{problems:?}");
+        let (o, problems) = Overrides::default()
+            .with_annotations(&[(ANNOTATION_ARCH.to_string(), "arm 64".to_string())].into_iter().collect());
+        assert_eq!((o.arch, problems.len()), (None, 1));
     }
 
     #[test]

@@ -280,17 +280,23 @@ enum Event {
 }
 
 /// The capability flags, completed by the Node's `peat.dev/…` annotations (read once, at start).
+/// Until the Node can be read it retries: starting without the annotations would publish wrong
+/// capabilities (a Jetson without its GPU) for the pod's whole life.
 async fn node_overrides(client: &Client, opts: &Options) -> Overrides {
     let nodes: Api<Node> = Api::all(client.clone());
-    let annotations = match nodes.get_opt(&opts.node_name).await {
-        Ok(Some(node)) => node.metadata.annotations.unwrap_or_default(),
-        Ok(None) => {
-            warn!(node = %opts.node_name, "no Node of this name: capabilities from flags and detection only");
-            return opts.capabilities.clone();
-        }
-        Err(e) => {
-            warn!(node = %opts.node_name, error = %e, "reading the Node failed: capabilities from flags and detection only");
-            return opts.capabilities.clone();
+    let mut wait = Duration::from_secs(1);
+    let annotations = loop {
+        match nodes.get_opt(&opts.node_name).await {
+            Ok(Some(node)) => break node.metadata.annotations.unwrap_or_default(),
+            Ok(None) => {
+                warn!(node = %opts.node_name, "no Node of this name: capabilities from flags and detection only");
+                return opts.capabilities.clone();
+            }
+            Err(e) => {
+                warn!(node = %opts.node_name, error = %e, retry_in = ?wait, "reading the Node for its capability annotations failed");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
         }
     };
     let (overrides, problems) = opts.capabilities.with_annotations(&annotations);

@@ -182,8 +182,11 @@ struct WorkDir(PathBuf);
 
 impl WorkDir {
     fn create(dir: &Path) -> Result<WorkDir, DemoError> {
-        let foreign =
-            std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some()) && !dir.join(MARKER).exists();
+        let foreign = match std::fs::read_dir(dir) {
+            Ok(mut entries) => entries.next().is_some() && !dir.join(MARKER).exists(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(io(format!("reading {}", dir.display()))(e)),
+        };
         if foreign {
             return Err(DemoError::NotADemoDir(dir.display().to_string()));
         }
@@ -236,7 +239,8 @@ impl Drop for Demo {
         for p in self.processes.iter_mut().rev() {
             p.stop(Duration::from_secs(5));
         }
-        self.env.stop();
+        // The environment's own logs (etcd, kube-apiserver, registry) would go with its directory.
+        self.env.stop_keeping_logs(&self.opts.dir.join("logs").join("env"));
     }
 }
 
@@ -253,7 +257,7 @@ impl Demo {
         tokio::select! {
             _ = teardown => {}
             _ = interrupted() => {
-                eprintln!("second signal: killing everything at once");
+                eprintln!("second signal: killing everything at once (the next run clears the files)");
                 std::process::exit(130);
             }
         }
@@ -307,7 +311,11 @@ async fn steps(opts: DemoOptions, slot: &mut Option<Demo>) -> Result<String, Dem
     );
 
     header(1, "local environment: etcd, kube-apiserver and an OCI registry on 127.0.0.1");
-    let binaries = Binaries::ensure(&opts.repo_root)?;
+    // Off the runtime's one thread, so a Ctrl-C during a first (long) build is seen as one.
+    let root = opts.repo_root.clone();
+    let binaries = tokio::task::spawn_blocking(move || Binaries::ensure(&root))
+        .await
+        .map_err(|e| DemoError::Io { what: "building the environment".into(), source: std::io::Error::other(e) })??;
     let bin = opts.dir.join("bin");
     for link in ["peat", "kubectl-peat"] {
         std::os::unix::fs::symlink(&opts.peat, bin.join(link)).map_err(io(format!("linking {link}")))?;

@@ -396,6 +396,19 @@ impl TestEnv {
         self.processes.clear();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+
+    /// Like [`TestEnv::stop`], first copying the processes' logs (complete by then) into `to`.
+    pub fn stop_keeping_logs(&mut self, to: &Path) {
+        for p in self.processes.iter_mut().rev() {
+            p.stop(Duration::from_secs(10));
+        }
+        if std::fs::create_dir_all(to).is_ok() {
+            for entry in std::fs::read_dir(self.dir.join("logs")).into_iter().flatten().flatten() {
+                let _ = std::fs::copy(entry.path(), to.join(entry.file_name()));
+            }
+        }
+        self.stop();
+    }
 }
 
 impl Drop for TestEnv {
