@@ -23,7 +23,7 @@ enum Command {
     Agent(peat::agent::Options),
     /// Publish a model directory as a variant of a model version in an OCI registry.
     Push(peat::cli::push::PushArgs),
-    /// Show a rollout: versions, per-node progress, blockers, ETA (`--watch` until it converges).
+    /// Show a rollout: versions, per-node progress, blockers, ETA (`--watch` until it converges, or exits 1 when it ends short).
     Status(peat::cli::plugin::StatusArgs),
     /// Roll a rollout back to the previous converged version (or `--to VERSION`).
     Rollback(peat::cli::plugin::RollbackArgs),

@@ -24,7 +24,8 @@ pub struct Target {
 pub struct StatusArgs {
     /// The ModelRollout.
     pub name: String,
-    /// Redraw on every change until the rollout converges (or Ctrl-C).
+    /// Redraw on every change until the rollout converges (exit 0), or ends Degraded, RolledBack or
+    /// Failed (exit 1), or Ctrl-C.
     #[arg(short, long)]
     pub watch: bool,
     #[command(flatten)]
@@ -69,6 +70,16 @@ pub enum PluginError {
     /// Nothing to roll back to.
     #[error("modelrollout {0} has no earlier converged version to roll back to; give one with --to")]
     NoHistory(String),
+    /// `--watch` saw the rollout end without converging.
+    #[error("modelrollout {name} ended {phase:?}: {why}")]
+    Ended {
+        /// The rollout.
+        name: String,
+        /// Degraded, RolledBack or Failed.
+        phase: RolloutPhase,
+        /// Its Ready condition's message, or its blockers.
+        why: String,
+    },
     /// The API server refused.
     #[error("{0}")]
     Api(#[from] kube::Error),
@@ -234,17 +245,34 @@ pub async fn status(args: StatusArgs) -> Result<(), PluginError> {
             print!("{frame}");
             last = frame;
         }
-        let done = r
-            .status
-            .as_ref()
-            .is_some_and(|s| s.phase == RolloutPhase::Converged && s.observed_generation == r.metadata.generation);
-        if !args.watch || done {
+        if !args.watch {
             return Ok(());
+        }
+        if let Some(outcome) = watch_outcome(&r) {
+            return outcome;
         }
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return Ok(()),
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
+    }
+}
+
+/// Whether `status --watch` is done with `r`: converged (Ok), or ended short of it (Degraded,
+/// RolledBack, Failed: an error, so scripts see it). Only a status of the current spec counts.
+fn watch_outcome(r: &ModelRollout) -> Option<Result<(), PluginError>> {
+    let st = r.status.as_ref().filter(|s| s.observed_generation == r.metadata.generation)?;
+    match st.phase {
+        RolloutPhase::Converged => Some(Ok(())),
+        RolloutPhase::Degraded | RolloutPhase::RolledBack | RolloutPhase::Failed => {
+            let ready = st.conditions.iter().find(|c| c.type_ == "Ready" && !c.message.is_empty());
+            let why = match ready {
+                Some(c) => format!("{}: {}", c.reason, c.message),
+                None => st.blockers.iter().map(|b| format!("{} {}", b.node, b.reason)).collect::<Vec<_>>().join(", "),
+            };
+            Some(Err(PluginError::Ended { name: r.name_any(), phase: st.phase, why }))
+        }
+        _ => None,
     }
 }
 
@@ -372,6 +400,30 @@ mod tests {
         assert!(screen.contains("ModelRollout ns/r  model m  version 3.0.0"), "{screen}");
         assert!(screen.contains("→ 3.0.0"), "{screen}");
         assert!(screen.contains("not acted on the latest change"), "no observedGeneration yet: {screen}");
+    }
+
+    #[test]
+    fn a_watch_ends_on_convergence_or_on_an_end_short_of_it_of_the_current_spec() {
+        let rollout = |generation: i64, observed: i64, phase: &str| -> ModelRollout {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "peat.dev/v1alpha1", "kind": "ModelRollout",
+                "metadata": {"name": "r", "namespace": "ns", "generation": generation},
+                "spec": {"model": "m", "version": "1.0.0", "source": {"repository": "reg/m"}, "scope": {"all": {}}},
+                "status": {"phase": phase, "observedGeneration": observed, "conditions": [{
+                    "type": "Ready", "status": "False", "reason": "FailureThresholdExceeded",
+                    "message": "2 of 4 targets failed", "lastTransitionTime": "2026-01-01T00:00:00Z"}]},
+            }))
+            .unwrap()
+        };
+        assert!(matches!(watch_outcome(&rollout(2, 2, "Converged")), Some(Ok(()))));
+        assert!(watch_outcome(&rollout(3, 2, "Converged")).is_none(), "converged on the previous spec");
+        assert!(watch_outcome(&rollout(2, 2, "Progressing")).is_none());
+        assert!(watch_outcome(&rollout(2, 2, "Paused")).is_none(), "a paused rollout may be resumed");
+        for phase in ["Degraded", "RolledBack", "Failed"] {
+            let err = watch_outcome(&rollout(2, 2, phase)).unwrap().unwrap_err().to_string();
+            assert!(err.contains(phase) && err.contains("2 of 4 targets failed"), "{err}");
+        }
+        assert!(watch_outcome(&rollout(3, 2, "RolledBack")).is_none(), "the end of the previous spec");
     }
 
     #[test]

@@ -643,7 +643,15 @@ impl Demo {
         let Stage { index, version, started } = stage;
         let watch = self.command(&["kubectl", "peat", "status", MODEL, "--watch"]);
         match tokio::time::timeout(STAGE_TIMEOUT, watch).await {
-            Ok(r) => r?,
+            Ok(Ok(())) => {}
+            // The watch ends with status 1 when the rollout ends short of converging.
+            Ok(Err(DemoError::Command { status, .. })) if status.code() == Some(1) => {
+                return Err(DemoError::NotConverged(format!(
+                    "{MODEL} did not converge on {version} (above: why)\n{}",
+                    self.log_tails()
+                )));
+            }
+            Ok(Err(e)) => return Err(e),
             Err(_) => {
                 return Err(DemoError::Timeout(format!(
                     "{MODEL} did not converge on {version} within {} s\n{}",
