@@ -139,3 +139,40 @@ async fn push_refuses_what_it_cannot_publish_faithfully() {
     let (ok, _, stderr, _) = peat_push(&dir, "127.0.0.1:1/models/x", "1.0.0", &["--variant", "x"]);
     assert!(!ok && stderr.contains("127.0.0.1:1"), "a dead registry is named: {stderr}");
 }
+
+#[tokio::test]
+async fn variants_pushed_at_the_same_moment_all_stay_in_the_index() {
+    // A CI matrix: one job per variant, all pushing to one version at once. Each push rewrites the
+    // index (no compare-and-swap in the registry API), so without a check afterwards some are lost.
+    let ctx = support::ctx("push-concurrent").await;
+    let repo = format!("{}/models/{}", ctx.env.registry, ctx.ns);
+    let names = ["fp16-cuda", "int8-cpu", "fp32-cpu", "int4-npu", "bf16-rocm", "fp8-cuda"];
+    let children: Vec<_> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let dir = ctx.env.dir.join(format!("{}-{name}", ctx.ns));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("model.onnx"), support::pseudo_random(i as u64 + 10, 64 << 10)).unwrap();
+            Command::new(env!("CARGO_BIN_EXE_peat"))
+                .arg("push")
+                .arg(&dir)
+                .args(["--repository", &repo, "--version", "1.0.0", "--insecure", "--variant", name])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("running peat push")
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let access = RegistryAccess { insecure: true, ..Default::default() };
+    let resolved = peat::oci::resolve(&access.client(), &access.auth, &format!("{repo}:1.0.0")).await.unwrap();
+    let mut listed: Vec<&str> = resolved.variants.iter().map(|v| v.name.as_str()).collect();
+    listed.sort();
+    let mut want = names.to_vec();
+    want.sort();
+    assert_eq!(listed, want, "variants lost to concurrent pushes");
+}

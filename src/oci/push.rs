@@ -305,29 +305,67 @@ pub async fn push_variant_manifest(
         annotations: Some(ann),
         artifact_type: Some(ARTIFACT_TYPE.into()),
     };
-    // Read-modify-write of the index: add the variant or replace the entry of the same name.
-    // Only a missing tag (or a lone manifest there) starts a new index: any other error must not
-    // replace an existing index, with its other variants, by one holding this variant alone.
-    let existing = match client.pull_manifest(&r, auth).await {
-        Ok((OciManifest::ImageIndex(index), _)) => Some(index),
-        Ok((OciManifest::Image(_), _)) => None,
-        Err(e) => match OciError::from_client(&tag_ref, e) {
-            OciError::NotFound(_) => None,
-            other => return Err(other),
-        },
-    };
-    let mut index = match existing {
-        Some(index) => index,
-        None => OciImageIndex {
+    // Read-modify-write of the index, and the registry API has no compare-and-swap: a push of
+    // another variant of this version at the same moment may read the index before this write and
+    // replace it. So, after a moment, check that the variant is still listed, and add it back if
+    // not. (Listed with another digest means a later push of the same variant: that one stands.)
+    for attempt in 1..=INDEX_ATTEMPTS {
+        let mut index = read_index(client, auth, &r, &tag_ref).await?.unwrap_or_else(|| OciImageIndex {
             schema_version: 2,
             media_type: Some(OCI_IMAGE_INDEX_MEDIA_TYPE.into()),
             manifests: Vec::new(),
             artifact_type: None,
             annotations: None,
+        });
+        index.manifests.retain(|m| variant_of(m) != Some(&meta.name));
+        index.manifests.push(entry.clone());
+        client.push_manifest_list(&r, auth, index).await.map_err(err)?;
+        tokio::time::sleep(settle_time()).await;
+        let listed = read_index(client, auth, &r, &tag_ref)
+            .await?
+            .is_some_and(|index| index.manifests.iter().any(|m| variant_of(m) == Some(&meta.name)));
+        if listed {
+            return Ok(manifest_digest);
+        }
+        tracing::info!(index = %tag_ref, variant = %meta.name, attempt, "a concurrent push replaced the index; adding the variant again");
+    }
+    Err(OciError::Other {
+        reference: tag_ref,
+        message: format!(
+            "concurrent pushes replaced the index {INDEX_ATTEMPTS} times without variant {:?}; push the variants one after another",
+            meta.name
+        ),
+    })
+}
+
+/// Times a push writes the index before it gives up on keeping its variant in it.
+const INDEX_ATTEMPTS: u32 = 5;
+
+/// How long after writing the index a push looks again: longer than another push's read-to-write
+/// gap, and jittered so that two pushes do not look in lockstep.
+fn settle_time() -> std::time::Duration {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    std::time::Duration::from_millis(500 + u64::from(nanos % 500))
+}
+
+fn variant_of(m: &ImageIndexEntry) -> Option<&String> {
+    m.annotations.as_ref().and_then(|a| a.get(ANN_VARIANT))
+}
+
+/// The image index at `r`: none when the tag is missing or holds a lone manifest. Any other error
+/// is returned, so that an index with other variants is never replaced by one holding this alone.
+async fn read_index(
+    client: &oci_client::Client,
+    auth: &RegistryAuth,
+    r: &oci_client::Reference,
+    tag_ref: &str,
+) -> Result<Option<OciImageIndex>, OciError> {
+    match client.pull_manifest(r, auth).await {
+        Ok((OciManifest::ImageIndex(index), _)) => Ok(Some(index)),
+        Ok((OciManifest::Image(_), _)) => Ok(None),
+        Err(e) => match OciError::from_client(tag_ref, e) {
+            OciError::NotFound(_) => Ok(None),
+            other => Err(other),
         },
-    };
-    index.manifests.retain(|m| m.annotations.as_ref().and_then(|a| a.get(ANN_VARIANT)) != Some(&meta.name));
-    index.manifests.push(entry);
-    client.push_manifest_list(&r, auth, index).await.map_err(err)?;
-    Ok(manifest_digest)
+    }
 }
