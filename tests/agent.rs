@@ -579,4 +579,15 @@ async fn node_annotations_give_what_detection_cannot_see_and_flags_win_over_them
     let st = mns.get(&node).await.unwrap().status.unwrap();
     assert_eq!((st.arch.as_deref(), st.gpus, st.gpu_memory_bytes), (Some("arm64"), 1, 16 << 30));
     assert_eq!(st.providers, ["cuda", "tensorrt", "cpu"]);
+
+    // A changed annotation reaches the ModelNode without restarting the agent (heartbeats here are
+    // every 2 s; the change must not wait for a restart that never comes).
+    let changed = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node, "annotations": {
+        "peat.dev/arch": "aarch64", "peat.dev/gpus": "2", "peat.dev/gpu-memory": "8Gi", "peat.dev/providers": "cuda,cpu"}}});
+    nodes.patch(&node, &PatchParams::apply("peat-admin").force(), &Patch::Apply(&changed)).await.unwrap();
+    support::wait_for(mns.clone(), &node, "gpus 2 and providers cuda,cpu", T, |mn: Option<&ModelNode>| {
+        mn.and_then(|m| m.status.as_ref()).is_some_and(|st| st.gpus == 2 && st.providers == ["cuda", "cpu"])
+    })
+    .await;
+    assert_eq!(mns.get(&node).await.unwrap().status.unwrap().gpu_memory_bytes, 16 << 30, "the flag still wins");
 }

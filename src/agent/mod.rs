@@ -132,7 +132,8 @@ struct Agent {
     client: Client,
     opts: Options,
     store: Store,
-    caps: Capabilities,
+    /// What the ModelNode reports; changes when the Node's capability annotations do.
+    caps: Mutex<Capabilities>,
     limiter: Option<RateLimiter>,
     metrics: Metrics,
     /// Registry clients by (registry, insecure, fingerprint of the credentials): a client keeps the
@@ -279,7 +280,8 @@ enum Event {
     Done(Box<Finished>),
 }
 
-/// The capability flags, completed by the Node's `peat.dev/…` annotations (read once, at start).
+/// The capability flags, completed by the Node's `peat.dev/…` annotations (at start; later
+/// changes are followed by [`follow_capability_annotations`]).
 /// Until the Node can be read it retries: starting without the annotations would publish wrong
 /// capabilities (a Jetson without its GPU) for the pod's whole life.
 async fn node_overrides(client: &Client, opts: &Options) -> Overrides {
@@ -306,6 +308,64 @@ async fn node_overrides(client: &Client, opts: &Options) -> Overrides {
     overrides
 }
 
+/// The Node's capability annotations, for noticing a change.
+fn capability_annotations(node: &Node) -> BTreeMap<String, String> {
+    let keys = [
+        capabilities::ANNOTATION_ARCH,
+        capabilities::ANNOTATION_GPUS,
+        capabilities::ANNOTATION_GPU_MEMORY,
+        capabilities::ANNOTATION_PROVIDERS,
+    ];
+    node.annotations().iter().filter(|(k, _)| keys.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// Watches this node's Node and, when its capability annotations change, recomputes what the
+/// ModelNode reports and writes it at once (no agent restart needed). Other Node changes (the
+/// kubelet's status, our own labels) are ignored.
+async fn follow_capability_annotations(agent: Arc<Agent>, shutdown: CancellationToken) {
+    let nodes: Api<Node> = Api::all(agent.client.clone());
+    let wc = watcher::Config::default().fields(&format!("metadata.name={}", agent.opts.node_name));
+    let mut events = std::pin::pin!(watcher(nodes, wc).default_backoff().applied_objects());
+    let mut last: Option<BTreeMap<String, String>> = None;
+    loop {
+        let node = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            ev = events.next() => match ev {
+                Some(Ok(node)) => node,
+                Some(Err(e)) => {
+                    warn!(error = %e, "watching the Node for capability annotations");
+                    continue;
+                }
+                None => return,
+            },
+        };
+        let now = capability_annotations(&node);
+        if last.as_ref() == Some(&now) {
+            continue;
+        }
+        let first = last.is_none();
+        last = Some(now.clone());
+        let (overrides, problems) = agent.opts.capabilities.with_annotations(&now);
+        for p in problems {
+            warn!(node = %agent.opts.node_name, "ignoring a capability annotation: {p}");
+        }
+        // NVML calls block: off the runtime.
+        let Ok(caps) = tokio::task::spawn_blocking(move || capabilities::detect(&overrides)).await else { continue };
+        let changed = {
+            let mut current = agent.caps.lock().expect("caps lock");
+            let changed = *current != caps;
+            *current = caps.clone();
+            changed
+        };
+        if changed {
+            if !first {
+                info!(node = %agent.opts.node_name, ?caps, "capability annotations changed");
+            }
+            agent.inventory_changed.notify_one();
+        }
+    }
+}
+
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     crate::telemetry::init(opts.log_format);
@@ -327,7 +387,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         limiter: opts.max_bandwidth.map(RateLimiter::new),
         opts: opts.clone(),
         store,
-        caps,
+        caps: Mutex::new(caps),
         metrics,
         clients: Mutex::new(HashMap::new()),
         in_flight: pull::InFlight::default(),
@@ -337,6 +397,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     });
     publish_model_node(&agent).await?;
     let heartbeat = tokio::spawn(heartbeat_loop(agent.clone(), shutdown.clone()));
+    let annotations = tokio::spawn(follow_capability_annotations(agent.clone(), shutdown.clone()));
 
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let (cache, writer) = reflector::store();
@@ -366,6 +427,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     };
     watch.abort();
     heartbeat.abort();
+    annotations.abort();
     let _ = admin_task.await;
     result
 }
@@ -411,11 +473,12 @@ async fn write_heartbeat(agent: &Agent) -> anyhow::Result<()> {
             });
         }
     }
+    let caps = agent.caps.lock().expect("caps lock").clone();
     let status = ModelNodeStatus {
-        arch: Some(agent.caps.arch.clone()),
-        gpus: agent.caps.gpus,
-        gpu_memory_bytes: agent.caps.gpu_memory_bytes,
-        providers: agent.caps.providers.clone(),
+        arch: Some(caps.arch),
+        gpus: caps.gpus,
+        gpu_memory_bytes: caps.gpu_memory_bytes,
+        providers: caps.providers,
         storage_free_bytes: free as i64,
         storage_total_bytes: total as i64,
         agent_version: Some(env!("CARGO_PKG_VERSION").into()),
