@@ -254,13 +254,12 @@ pub async fn push_variant_manifest(
     let err = |e| OciError::from_client(&tag_ref, e);
     let size: u64 = layers.iter().filter(|l| l.media_type != MEDIA_CHUNK_INDEX).map(|l| l.size.max(0) as u64).sum();
     let config_digest = sha256_digest(EMPTY_CONFIG);
-    client.push_blob(&r, EMPTY_CONFIG.to_vec(), &config_digest).await.map_err(err)?;
     let manifest = OciImageManifest {
         schema_version: 2,
         media_type: Some(OCI_IMAGE_MEDIA_TYPE.into()),
         config: OciDescriptor {
             media_type: EMPTY_MEDIA_TYPE.into(),
-            digest: config_digest,
+            digest: config_digest.clone(),
             size: EMPTY_CONFIG.len() as i64,
             urls: None,
             annotations: None,
@@ -274,10 +273,28 @@ pub async fn push_variant_manifest(
     let manifest_bytes = serde_json::to_vec(&manifest).expect("a manifest serializes");
     let manifest_digest = sha256_digest(&manifest_bytes);
     let by_digest = parse_reference(&format!("{repository}@{manifest_digest}"))?;
-    client
-        .push_manifest_raw(&by_digest, manifest_bytes.clone(), OCI_IMAGE_MEDIA_TYPE.parse().expect("static media type"))
-        .await
-        .map_err(err)?;
+    // Concurrent pushes upload the same blobs (this empty config above all); while the registry
+    // commits one of those uploads, a manifest naming the blob can be refused as
+    // MANIFEST_BLOB_UNKNOWN. That passes within moments: upload the config again and retry.
+    for attempt in 1u64.. {
+        client.push_blob(&r, EMPTY_CONFIG.to_vec(), &config_digest).await.map_err(err)?;
+        let pushed = client
+            .push_manifest_raw(
+                &by_digest,
+                manifest_bytes.clone(),
+                OCI_IMAGE_MEDIA_TYPE.parse().expect("static media type"),
+            )
+            .await;
+        match pushed {
+            Ok(_) => break,
+            Err(oci_client::errors::OciDistributionError::ServerError { code: 400, ref message, .. })
+                if message.contains("MANIFEST_BLOB_UNKNOWN") && attempt < 5 =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
+            }
+            Err(e) => return Err(err(e)),
+        }
+    }
 
     let mut ann = BTreeMap::from([
         (ANN_VARIANT.to_string(), meta.name.clone()),
