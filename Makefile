@@ -17,7 +17,7 @@ test-tools:
 	@command -v lua5.1 >/dev/null || { apt-get update -qq && apt-get install -y -qq lua5.1; }
 
 ## lint: rustfmt, clippy with -D warnings, and helm lint of the chart (the pinned helm)
-lint: toolchain testenv-bins
+lint: toolchain
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	@eval "$$(bash scripts/testenv-build.sh helm)"; "$$HELM" lint charts/peat-operator --kube-version 1.37.2 --strict

@@ -567,7 +567,7 @@ async fn node_annotations_give_what_detection_cannot_see_and_flags_win_over_them
     let nodes: Api<Node> = Api::all(s.ctx.client.clone());
     let annotations = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node, "annotations": {
         "peat.dev/arch": "aarch64", "peat.dev/gpus": "1", "peat.dev/gpu-memory": "8Gi",
-        "peat.dev/providers": "cuda,tensorrt,cpu", "peat.dev/storage": "ignored: not a capability"}}});
+        "peat.dev/providers": "cuda,tensorrt,cpu"}}});
     nodes.patch(&node, &PatchParams::apply("peat-admin").force(), &Patch::Apply(&annotations)).await.unwrap();
     let _agent = start_agent(&node, &s.dir.join("store-jetson"), &["--gpu-memory", "16Gi"]);
 

@@ -120,11 +120,6 @@ async fn helm_install_creates_everything_and_confines_agents_to_their_node() {
     let md_status = json!({"status": {"phase": "Downloading"}});
     let label = json!({"metadata": {"labels": {"models.peat.dev/m": "1.0.0"}}});
 
-    // Its own node: allowed (RBAC and the policy).
-    as_agent(&client, ns, Some(&a), &mn(&a), status.clone()).await.expect("its own ModelNode");
-    as_agent(&client, ns, Some(&a), &md(&a), md_status.clone()).await.expect("its own ModelDeployment status");
-    as_agent(&client, ns, Some(&a), &node(&a), label.clone()).await.expect("its own Node's labels");
-
     // The API server enforces a new policy once its informers have it: wait for the first denial.
     support::eventually("the node-confinement policy in force", std::time::Duration::from_secs(30), || {
         let (client, url) = (client.clone(), mn(&b));
@@ -132,6 +127,10 @@ async fn helm_install_creates_everything_and_confines_agents_to_their_node() {
         async move { as_agent(&client, ns, Some(&a), &url, status).await.err() }
     })
     .await;
+    // Its own node: allowed, with the policy in force (RBAC alone would allow these anyway).
+    as_agent(&client, ns, Some(&a), &mn(&a), status.clone()).await.expect("its own ModelNode");
+    as_agent(&client, ns, Some(&a), &md(&a), md_status.clone()).await.expect("its own ModelDeployment status");
+    as_agent(&client, ns, Some(&a), &node(&a), label.clone()).await.expect("its own Node's labels");
     // Another node: denied, with a message that says why.
     for (what, url, body) in [
         ("ModelNode", mn(&b), status.clone()),

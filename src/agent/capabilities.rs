@@ -33,6 +33,16 @@ pub const ANNOTATION_GPU_MEMORY: &str = "peat.dev/gpu-memory";
 /// See [`ANNOTATION_ARCH`]: execution providers, comma-separated.
 pub const ANNOTATION_PROVIDERS: &str = "peat.dev/providers";
 
+/// Every capability annotation.
+const ANNOTATIONS: [&str; 4] = [ANNOTATION_ARCH, ANNOTATION_GPUS, ANNOTATION_GPU_MEMORY, ANNOTATION_PROVIDERS];
+
+/// The capability annotations among a Node's annotations.
+pub fn capability_annotations(
+    all: &std::collections::BTreeMap<String, String>,
+) -> std::collections::BTreeMap<String, String> {
+    all.iter().filter(|(k, _)| ANNOTATIONS.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
 impl Overrides {
     /// These overrides, with the node's `peat.dev/…` annotations filling what no flag sets (a flag
     /// wins over an annotation, an annotation over detection). A malformed annotation is left out
@@ -159,17 +169,20 @@ mod tests {
         assert!(!c.arch.is_empty() && c.arch != "x86_64");
     }
 
+    fn annotations(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
     #[test]
     fn node_annotations_fill_what_no_flag_sets() {
-        let ann: std::collections::BTreeMap<String, String> = [
+        let ann = annotations(&[
             (ANNOTATION_ARCH, "aarch64"),
             (ANNOTATION_GPUS, "1"),
             (ANNOTATION_GPU_MEMORY, "8Gi"),
             (ANNOTATION_PROVIDERS, "cuda, tensorrt,cpu"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+            ("other.example/key", "not ours"),
+        ]);
+        assert_eq!(capability_annotations(&ann).len(), 4, "only the capability annotations");
         let (o, problems) = Overrides::default().with_annotations(&ann);
         assert!(problems.is_empty(), "{problems:?}");
         let c = detect(&o);
@@ -182,22 +195,18 @@ mod tests {
         assert_eq!(o.gpu_memory, Some(4 << 30));
 
         // Malformed values are named and left out; the rest still applies.
-        let bad: std::collections::BTreeMap<String, String> = [
+        let bad = annotations(&[
             (ANNOTATION_GPUS, "two"),
             (ANNOTATION_GPU_MEMORY, "lots"),
             (ANNOTATION_PROVIDERS, " , "),
             (ANNOTATION_ARCH, "arm64"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+        ]);
         let (o, problems) = Overrides::default().with_annotations(&bad);
         assert_eq!((o.gpus, o.gpu_memory, o.providers, o.arch.as_deref()), (None, None, None, Some("arm64")));
         assert_eq!(problems.len(), 3, "{problems:?}");
         assert!(problems[0].contains("peat.dev/gpus=\"two\""), "{problems:?}");
         assert!(problems[2].contains("names no provider"), "{problems:?}");
-        let (o, problems) = Overrides::default()
-            .with_annotations(&[(ANNOTATION_ARCH.to_string(), "arm 64".to_string())].into_iter().collect());
+        let (o, problems) = Overrides::default().with_annotations(&annotations(&[(ANNOTATION_ARCH, "arm 64")]));
         assert_eq!((o.arch, problems.len()), (None, 1));
     }
 

@@ -280,53 +280,52 @@ enum Event {
     Done(Box<Finished>),
 }
 
-/// The capability flags, completed by the Node's `peat.dev/…` annotations (at start; later
-/// changes are followed by [`follow_capability_annotations`]).
-/// Until the Node can be read it retries: starting without the annotations would publish wrong
-/// capabilities (a Jetson without its GPU) for the pod's whole life.
-async fn node_overrides(client: &Client, opts: &Options) -> Overrides {
+/// The Node's capability annotations (`peat.dev/arch` …), or none when the Node does not exist.
+/// At start; later changes are followed by [`follow_capability_annotations`]. Until the Node can be
+/// read it retries: starting without the annotations would publish wrong capabilities (a Jetson
+/// without its GPU).
+async fn read_capability_annotations(client: &Client, node: &str) -> Option<BTreeMap<String, String>> {
     let nodes: Api<Node> = Api::all(client.clone());
     let mut wait = Duration::from_secs(1);
-    let annotations = loop {
-        match nodes.get_opt(&opts.node_name).await {
-            Ok(Some(node)) => break node.metadata.annotations.unwrap_or_default(),
+    loop {
+        match nodes.get_opt(node).await {
+            Ok(Some(n)) => return Some(capabilities::capability_annotations(n.annotations())),
             Ok(None) => {
-                warn!(node = %opts.node_name, "no Node of this name: capabilities from flags and detection only");
-                return opts.capabilities.clone();
+                warn!(node, "no Node of this name: capabilities from flags and detection only");
+                return None;
             }
             Err(e) => {
-                warn!(node = %opts.node_name, error = %e, retry_in = ?wait, "reading the Node for its capability annotations failed");
+                warn!(node, error = %e, retry_in = ?wait, "reading the Node for its capability annotations failed");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(30));
             }
         }
-    };
-    let (overrides, problems) = opts.capabilities.with_annotations(&annotations);
+    }
+}
+
+/// Detects the capabilities with the flags, then `annotations`, over what is detected; says which
+/// annotations were malformed. (NVML calls block: run off the runtime.)
+async fn detect_capabilities(opts: &Options, annotations: &BTreeMap<String, String>) -> Capabilities {
+    let (overrides, problems) = opts.capabilities.with_annotations(annotations);
     for p in problems {
         warn!(node = %opts.node_name, "ignoring a capability annotation: {p}");
     }
-    overrides
+    tokio::task::spawn_blocking(move || capabilities::detect(&overrides))
+        .await
+        .expect("capability detection does not panic")
 }
 
-/// The Node's capability annotations, for noticing a change.
-fn capability_annotations(node: &Node) -> BTreeMap<String, String> {
-    let keys = [
-        capabilities::ANNOTATION_ARCH,
-        capabilities::ANNOTATION_GPUS,
-        capabilities::ANNOTATION_GPU_MEMORY,
-        capabilities::ANNOTATION_PROVIDERS,
-    ];
-    node.annotations().iter().filter(|(k, _)| keys.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect()
-}
-
-/// Watches this node's Node and, when its capability annotations change, recomputes what the
-/// ModelNode reports and writes it at once (no agent restart needed). Other Node changes (the
-/// kubelet's status, our own labels) are ignored.
-async fn follow_capability_annotations(agent: Arc<Agent>, shutdown: CancellationToken) {
+/// Watches this node's Node and, when its capability annotations change from `last`, recomputes
+/// what the ModelNode reports and writes it at once (no agent restart needed). Other Node changes
+/// (the kubelet's status, our own labels) are ignored.
+async fn follow_capability_annotations(
+    agent: Arc<Agent>,
+    mut last: Option<BTreeMap<String, String>>,
+    shutdown: CancellationToken,
+) {
     let nodes: Api<Node> = Api::all(agent.client.clone());
     let wc = watcher::Config::default().fields(&format!("metadata.name={}", agent.opts.node_name));
     let mut events = std::pin::pin!(watcher(nodes, wc).default_backoff().applied_objects());
-    let mut last: Option<BTreeMap<String, String>> = None;
     loop {
         let node = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -339,28 +338,18 @@ async fn follow_capability_annotations(agent: Arc<Agent>, shutdown: Cancellation
                 None => return,
             },
         };
-        let now = capability_annotations(&node);
+        let now = capabilities::capability_annotations(node.annotations());
         if last.as_ref() == Some(&now) {
             continue;
         }
-        let first = last.is_none();
-        last = Some(now.clone());
-        let (overrides, problems) = agent.opts.capabilities.with_annotations(&now);
-        for p in problems {
-            warn!(node = %agent.opts.node_name, "ignoring a capability annotation: {p}");
-        }
-        // NVML calls block: off the runtime.
-        let Ok(caps) = tokio::task::spawn_blocking(move || capabilities::detect(&overrides)).await else { continue };
+        let caps = detect_capabilities(&agent.opts, &now).await;
+        last = Some(now);
         let changed = {
             let mut current = agent.caps.lock().expect("caps lock");
-            let changed = *current != caps;
-            *current = caps.clone();
-            changed
+            std::mem::replace(&mut *current, caps.clone()) != caps
         };
         if changed {
-            if !first {
-                info!(node = %agent.opts.node_name, ?caps, "capability annotations changed");
-            }
+            info!(node = %agent.opts.node_name, ?caps, "capability annotations changed");
             agent.inventory_changed.notify_one();
         }
     }
@@ -372,7 +361,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let client = Client::try_default().await?;
     let store =
         Store::open(&opts.store).map_err(|e| anyhow::anyhow!("opening the store {}: {e}", opts.store.display()))?;
-    let caps = capabilities::detect(&node_overrides(&client, &opts).await);
+    let annotations = read_capability_annotations(&client, &opts.node_name).await;
+    let caps = detect_capabilities(&opts, &annotations.clone().unwrap_or_default()).await;
     info!(node = %opts.node_name, store = %store.root().display(), ?caps, "starting");
     let shutdown = crate::telemetry::shutdown_on_signals();
     let mut registry = Registry::default();
@@ -397,7 +387,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     });
     publish_model_node(&agent).await?;
     let heartbeat = tokio::spawn(heartbeat_loop(agent.clone(), shutdown.clone()));
-    let annotations = tokio::spawn(follow_capability_annotations(agent.clone(), shutdown.clone()));
+    let annotations = tokio::spawn(follow_capability_annotations(agent.clone(), annotations, shutdown.clone()));
 
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let (cache, writer) = reflector::store();

@@ -43,7 +43,7 @@ pub struct Options {
     /// Address of /livez, /readyz and /metrics.
     #[arg(long, default_value = "0.0.0.0:8080", env = "PEAT_METRICS_ADDR")]
     pub metrics_addr: SocketAddr,
-    /// A ModelNode heartbeat older than this marks its node NetworkPartition (3× the agent's interval).
+    /// A ModelNode heartbeat older than this marks its node NetworkPartition (nine of the agent's default 10 s heartbeats).
     #[arg(long, default_value = "90s", value_parser = parse_duration, env = "PEAT_HEARTBEAT_TIMEOUT")]
     pub heartbeat_timeout: Duration,
     /// Elect a leader through a Lease, so that several replicas run with one writer.

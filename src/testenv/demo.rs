@@ -22,7 +22,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use thiserror::Error;
 use tokio::sync::Notify;
 
-use super::{Binaries, Lifetime, ManagedProcess, Options, TestEnv, TestEnvError};
+use super::{Binaries, Lifetime, ManagedProcess, Options, TestEnv, TestEnvError, pseudo_random};
 use crate::api::{DeploymentPhase, ModelDeployment, ModelNode};
 
 /// The model the example rolls out, and the namespace it lives in.
@@ -33,6 +33,8 @@ const FIRST: &str = "4.2.1";
 const SECOND: &str = "4.3.0";
 /// Marks a directory the demo made, so `--demo-dir` never clears anything else.
 const MARKER: &str = ".peat-demo";
+/// The stages: what each is called in the summary, and the version it rolls to.
+const STAGES: [(&str, &str); 3] = [("install", FIRST), ("upgrade", SECOND), ("rollback", FIRST)];
 /// How long one stage (install, upgrade, rollback) may take before the demo gives up loudly.
 const STAGE_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -143,22 +145,20 @@ struct NodeStage {
     started: Option<Instant>,
     finished: Option<Instant>,
     variant: String,
-    version: String,
     fetched: i64,
     reused: i64,
 }
 
-/// Stage in progress: its index and target version; results by (stage, node).
+/// The stage in progress (an index into [`STAGES`]); results by (stage, node).
 #[derive(Default)]
 struct Timings {
-    stage: Option<(usize, String)>,
+    stage: Option<usize>,
     by_node: BTreeMap<(usize, String), NodeStage>,
 }
 
-/// A stage under way.
+/// A stage under way: its index into [`STAGES`], and when its command ran.
 struct Stage {
     index: usize,
-    version: &'static str,
     started: Instant,
 }
 
@@ -171,7 +171,7 @@ fn header(step: usize, text: &str) {
     }
 }
 
-fn show_command(cmd: &[String]) {
+fn show_command(cmd: &[&str]) {
     println!("$ {}", cmd.join(" "));
     let _ = std::io::stdout().flush();
 }
@@ -372,18 +372,18 @@ async fn steps(opts: DemoOptions, slot: &mut Option<Demo>) -> Result<String, Dem
         "    its scope (arm64, at least 4 GiB of GPU memory) takes all three nodes; fp16-cuda needs 6 GiB,\n    \
          so edge-nano-3 gets int8-cpu; at most 25% of the targets (one node) download at once"
     );
-    let stage = demo.begin_stage(0, FIRST);
+    let stage = demo.begin_stage(0);
     demo.command(&["kubectl", "apply", "-f", &rollout.display().to_string()]).await?;
     demo.finish_stage(stage).await?;
 
     header(5, &format!("upgrade to {SECOND}: each node fetches only the chunks that changed"));
     let patch = format!(r#"{{"spec":{{"version":"{SECOND}"}}}}"#);
-    let stage = demo.begin_stage(1, SECOND);
+    let stage = demo.begin_stage(1);
     demo.command(&["kubectl", "patch", "modelrollout", MODEL, "--type", "merge", "-p", &patch]).await?;
     demo.finish_stage(stage).await?;
 
     header(6, &format!("roll back to {FIRST}: the kept version is switched to, no bytes move"));
-    let stage = demo.begin_stage(2, FIRST);
+    let stage = demo.begin_stage(2);
     demo.command(&["kubectl", "peat", "rollback", MODEL]).await?;
     demo.finish_stage(stage).await?;
 
@@ -405,21 +405,6 @@ fn local_rollout(example: &str, repository: &str) -> String {
             None => format!("{l}\n"),
         })
         .collect()
-}
-
-/// Deterministic bytes (splitmix64), so every run pushes the same model.
-fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// Writes one variant of one version: `model.onnx` (weights), `config.json`, `labels.txt`.
@@ -461,7 +446,7 @@ impl Demo {
 
     /// Runs a command with the demo's PATH and kubeconfig, output to the terminal.
     async fn command(&self, argv: &[&str]) -> Result<(), DemoError> {
-        show_command(&argv.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        show_command(argv);
         let status = self.tokio_command(argv).status().await.map_err(io(format!("running {}", argv[0])))?;
         if !status.success() {
             return Err(DemoError::Command { command: argv.join(" "), status });
@@ -495,12 +480,23 @@ impl Demo {
         Ok(())
     }
 
-    async fn start_nodes_and_controller(&mut self) -> Result<(), DemoError> {
-        let logs = self.opts.dir.join("logs");
-        let envs = vec![
+    /// Starts `peat ARGS…` in the background as `name` (log `logs/<name>.log`), printed as the
+    /// command it is; stopped with the demo.
+    fn start_peat(&mut self, name: &str, args: &[&str]) -> Result<(), DemoError> {
+        let log = self.opts.dir.join("logs").join(format!("{name}.log"));
+        println!("$ peat {} > {} 2>&1 &", args.join(" "), log.display());
+        let envs = [
             ("KUBECONFIG".to_string(), self.env.kubeconfig.display().to_string()),
             ("RUST_LOG".to_string(), "info,peat=debug".to_string()),
         ];
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let p = ManagedProcess::spawn_with_env(name, &self.opts.peat, &args, &envs, &log, Lifetime::TiedToThisProcess)
+            .map_err(io(format!("starting {name}")))?;
+        self.processes.push(p);
+        Ok(())
+    }
+
+    async fn start_nodes_and_controller(&mut self) -> Result<(), DemoError> {
         // No kubelet here: the Node objects are made by hand, as each kubelet would register itself.
         let nodes_yaml: String = NODES
             .iter()
@@ -516,7 +512,7 @@ impl Demo {
         self.command(&["kubectl", "apply", "-f", &nodes_file.display().to_string()]).await?;
         for n in &NODES {
             let store = self.opts.dir.join("stores").join(n.name).display().to_string();
-            let args: Vec<String> = [
+            let args = [
                 "agent",
                 "--node-name",
                 n.name,
@@ -540,39 +536,13 @@ impl Demo {
                 "5s",
                 "--progress-interval",
                 "500ms",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            let log = logs.join(format!("agent-{}.log", n.name));
-            println!("$ peat {} > {} 2>&1 &", args.join(" "), log.display());
-            let p = ManagedProcess::spawn_with_env(
-                &format!("agent-{}", n.name),
-                &self.opts.peat,
-                &args,
-                &envs,
-                &log,
-                Lifetime::TiedToThisProcess,
-            )
-            .map_err(io("starting peat agent"))?;
-            self.processes.push(p);
+            ];
+            self.start_peat(&format!("agent-{}", n.name), &args)?;
         }
-        let args: Vec<String> = ["controller", "--metrics-addr", "127.0.0.1:0", "--lease-namespace", NAMESPACE]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        let log = logs.join("controller.log");
-        println!("$ peat {} > {} 2>&1 &", args.join(" "), log.display());
-        let p = ManagedProcess::spawn_with_env(
+        self.start_peat(
             "controller",
-            &self.opts.peat,
-            &args,
-            &envs,
-            &log,
-            Lifetime::TiedToThisProcess,
-        )
-        .map_err(io("starting peat controller"))?;
-        self.processes.push(p);
+            &["controller", "--metrics-addr", "127.0.0.1:0", "--lease-namespace", NAMESPACE],
+        )?;
 
         // Wait for every agent's first heartbeat, so the controller plans with known capabilities.
         let model_nodes: Api<ModelNode> = Api::all(self.client.clone());
@@ -609,7 +579,8 @@ impl Demo {
                 let Ok(md) = ev else { continue };
                 let now = Instant::now();
                 let mut t = timings.lock().expect("timings lock");
-                let Some((stage, version)) = t.stage.clone() else { continue };
+                let Some(stage) = t.stage else { continue };
+                let version = STAGES[stage].1;
                 if md.spec.version != version {
                     continue;
                 }
@@ -617,12 +588,11 @@ impl Demo {
                 entry.started.get_or_insert(now);
                 let Some(st) = md.status.as_ref() else { continue };
                 let active = st.phase == DeploymentPhase::Operational
-                    && st.active_version.as_deref() == Some(version.as_str())
+                    && st.active_version.as_deref() == Some(version)
                     && st.observed_generation == md.metadata.generation;
                 if active && entry.finished.is_none() {
                     entry.finished = Some(now);
                     entry.variant = md.spec.variant.clone();
-                    entry.version = version.clone();
                     entry.fetched = st.bytes_done;
                     entry.reused = st.bytes_reused;
                     changed.notify_waiters();
@@ -631,16 +601,17 @@ impl Demo {
         })
     }
 
-    /// Starts timing a stage (install, upgrade, rollback) towards `version`, before its command runs.
-    fn begin_stage(&self, index: usize, version: &'static str) -> Stage {
-        self.timings.lock().expect("timings lock").stage = Some((index, version.to_string()));
-        Stage { index, version, started: Instant::now() }
+    /// Starts timing stage `index` (install, upgrade, rollback), before its command runs.
+    fn begin_stage(&self, index: usize) -> Stage {
+        self.timings.lock().expect("timings lock").stage = Some(index);
+        Stage { index, started: Instant::now() }
     }
 
     /// Follows `kubectl peat status --watch` until the rollout converges, then waits until the
     /// watch here has seen each node run the version.
     async fn finish_stage(&self, stage: Stage) -> Result<(), DemoError> {
-        let Stage { index, version, started } = stage;
+        let Stage { index, started } = stage;
+        let version = STAGES[index].1;
         let watch = self.command(&["kubectl", "peat", "status", MODEL, "--watch"]);
         match tokio::time::timeout(STAGE_TIMEOUT, watch).await {
             Ok(Ok(())) => {}
@@ -709,7 +680,7 @@ impl Demo {
         );
         let mut upgrade = (0i64, 0i64);
         for n in &NODES {
-            for (i, stage) in ["install", "upgrade", "rollback"].iter().enumerate() {
+            for (i, (stage, version)) in STAGES.iter().enumerate() {
                 let s = t.by_node.get(&(i, n.name.to_string())).cloned().unwrap_or_default();
                 let time = match (s.started, s.finished) {
                     (Some(a), Some(b)) => format!("{:.1} s", b.duration_since(a).as_secs_f64()),
@@ -724,7 +695,7 @@ impl Demo {
                     if i == 0 { n.name } else { "" },
                     stage,
                     s.variant,
-                    s.version,
+                    version,
                     HumanBytes(s.fetched.max(0) as u64).to_string(),
                     HumanBytes(s.reused.max(0) as u64).to_string(),
                     time
