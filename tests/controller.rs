@@ -10,7 +10,7 @@ use std::time::Duration;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use peat::api::{BlockerReason, DeploymentPhase, ModelDeployment, ModelRollout, RolloutPhase};
 use serde_json::json;
-use support::{NodeSpec, register_node, report};
+use support::{NodeSpec, TestVariant, register_node, report};
 use tokio::sync::OnceCell;
 
 const T: Duration = Duration::from_secs(60);
@@ -468,8 +468,10 @@ async fn a_missing_version_is_a_condition_and_converges_once_pushed() {
         if std::time::Instant::now() > deadline {
             let log = std::fs::read_to_string(&controller().await.log).unwrap_or_default();
             let ours: Vec<&str> = log.lines().filter(|l| l.contains(&s.ctx.ns)).collect();
+            let api: Api<ModelRollout> = Api::namespaced(s.ctx.client.clone(), &s.ctx.ns);
+            let now = api.get("late").await.map(|r| serde_json::to_string_pretty(&r.status)).ok();
             panic!(
-                "no ModelDeployment on {n} within {T:?} of the push; controller about {}:\n{}",
+                "no ModelDeployment on {n} within {T:?} of the push; rollout status: {now:?}\ncontroller about {}:\n{}",
                 s.ctx.ns,
                 ours.join("\n")
             );
@@ -478,6 +480,75 @@ async fn a_missing_version_is_a_condition_and_converges_once_pushed() {
     }
     let r = s.rollout("late", "Ready=True", |r| condition(r, "Ready").map(|c| c.0) == Some("True".into())).await;
     assert!(status(&r).resolved_digest.as_deref().is_some_and(|d| d.starts_with("sha256:")));
+}
+
+/// CI pushes the variants of one version one after another, while GitOps has already applied the
+/// rollout: the controller may read the tag between two pushes. The variants added later must
+/// reach the nodes they fit, and the nodes already served keep exactly the bytes they were given.
+#[tokio::test]
+async fn a_variant_pushed_after_the_rollout_resolved_is_picked_up_and_served_nodes_keep_their_bytes() {
+    let s = setup("late-variant", &[]).await;
+    let (cpu, gpu) = (s.node("cpu"), s.node("gpu"));
+    register_node(&s.ctx.client, &NodeSpec::new(&cpu, "amd64", 0, &["cpu"])).await;
+    register_node(&s.ctx.client, &NodeSpec::new(&gpu, "amd64", 8 * GI, &["cpu", "cuda"])).await;
+    let gpu_manifest = support::push_variant(&s.repo, "5.0.0", TestVariant::Fp16Cuda).await;
+    s.apply("staged", json!({"model": "m", "version": "5.0.0", "scope": {"nodes": [cpu, gpu]}})).await;
+    let first = s
+        .rollout("staged", "resolved with the cpu node blocked", |r| {
+            status(r).resolved_digest.is_some()
+                && status(r)
+                    .blockers
+                    .iter()
+                    .any(|b| b.node == cpu && b.reason == BlockerReason::IncompatibleCapabilities)
+        })
+        .await;
+    let mds = s.deployments_on("m", std::slice::from_ref(&gpu)).await;
+    assert!(mds[&gpu].spec.artifact.ends_with(&gpu_manifest), "{:?}", mds[&gpu].spec);
+
+    support::push_variant(&s.repo, "5.0.0", TestVariant::Int8Cpu).await;
+    let mds = s.deployments_on("m", &[cpu.clone(), gpu.clone()]).await;
+    assert_eq!(mds[&cpu].spec.variant, "int8-cpu");
+    assert!(mds[&gpu].spec.artifact.ends_with(&gpu_manifest), "the gpu node keeps its bytes: {:?}", mds[&gpu].spec);
+    let r = s
+        .rollout("staged", "the extended index pinned", |r| {
+            status(r).resolved_digest.is_some()
+                && status(r).resolved_digest != first.status.as_ref().unwrap().resolved_digest
+        })
+        .await;
+    assert!(status(&r).blockers.iter().all(|b| b.node != cpu), "{:?}", status(&r).blockers);
+}
+
+/// A rollout waiting for its version retries on its own. A storm of triggers — a sibling rollout's
+/// agents reporting many times a second, each report triggering every rollout of the model — must
+/// neither replace nor postpone those retries (a debounce that restarts on every trigger did: the
+/// rollout did not reconcile until the reports stopped).
+#[tokio::test]
+async fn a_storm_of_triggers_from_a_busy_sibling_does_not_hold_back_a_waiting_rollout() {
+    let s = setup("storm", &["1.0.0"]).await;
+    let model = format!("storm-{}", s.ctx.ns);
+    let (busy, late) = (s.node("busy"), s.node("late"));
+    register_node(&s.ctx.client, &NodeSpec::new(&busy, "amd64", 0, &["cpu"])).await;
+    register_node(&s.ctx.client, &NodeSpec::new(&late, "amd64", 0, &["cpu"])).await;
+    s.apply("busy", json!({"model": model, "version": "1.0.0", "scope": {"nodes": [busy]}})).await;
+    let md = s.deployments_on(&model, std::slice::from_ref(&busy)).await[&busy].metadata.name.clone().unwrap();
+    s.apply("late", json!({"model": model, "version": "9.9.9", "scope": {"nodes": [late]}})).await;
+    s.rollout("late", "Ready=False VersionNotFound", |r| {
+        condition(r, "Ready") == Some(("False".into(), "VersionNotFound".into()))
+    })
+    .await;
+
+    let (client, ns) = (s.ctx.client.clone(), s.ctx.ns.clone());
+    let storm = tokio::spawn(async move {
+        for i in 1.. {
+            report(&client, &ns, &md, DeploymentPhase::Downloading, None, i * 1000).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    support::push_two_variants(&s.repo, "9.9.9").await;
+    let mds = s.deployments_on(&model, &[busy, late.clone()]).await;
+    assert!(!storm.is_finished(), "the storm still blows");
+    storm.abort();
+    assert_eq!(mds[&late].spec.version, "9.9.9");
 }
 
 #[tokio::test]

@@ -163,3 +163,41 @@ async fn of_two_replicas_only_the_leader_writes_and_killing_it_hands_over() {
     assert_eq!(r.status.as_ref().unwrap().resolved_version.as_deref(), Some("2.0.0"));
     assert!(follower.metric("peat_controller_deployment_writes_total").await.unwrap() >= 3.0, "the new leader wrote");
 }
+
+/// A retry is state of the term that scheduled it. When the lease is lost between a failure and
+/// its retry — here taken by another identity, as a partitioned replica's would be — and won back,
+/// the new term reconciles every rollout: the version pushed in between is picked up.
+#[tokio::test]
+async fn a_retry_pending_when_the_lease_is_lost_is_made_good_when_it_is_won_back() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let system = support::ctx("lease-flap").await;
+    let ctx = support::ctx("flap").await;
+    let repo = format!("{}/models/{}", ctx.env.registry, ctx.ns);
+    let node = format!("{}-n", ctx.ns);
+    register_node(&ctx.client, &NodeSpec::new(&node, "amd64", 0, &["cpu"])).await;
+    let c = support::start_controller("flapper", &system.ns, &[]).await;
+    c.wait_leading(T).await;
+    apply_rollout(&ctx, "late", "m", "9.9.9", &repo, std::slice::from_ref(&node), 1).await;
+    support::wait_rollout(&ctx.client, &ctx.ns, "late", "Ready=False VersionNotFound", T, |r| {
+        r.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.reason == "VersionNotFound"))
+    })
+    .await;
+
+    // Another identity takes the lease; the controller notices at its next renewal and stops.
+    let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &system.ns);
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::jiff::Timestamp::now());
+    let take = json!({"spec": {"holderIdentity": "intruder", "acquireTime": now, "renewTime": now, "leaseDurationSeconds": 4}});
+    leases.patch("peat-controller", &PatchParams::default(), &Patch::Merge(&take)).await.unwrap();
+    support::eventually("the controller to step down", T, || async {
+        (c.metric("peat_controller_leader").await == Some(0.0)).then_some(())
+    })
+    .await;
+    support::push_two_variants(&repo, "9.9.9").await;
+    // The intruder never renews: the lease expires and the controller takes it back.
+    c.wait_leading(T).await;
+    support::eventually("the deployment of the pushed version", T, || async {
+        let mds = support::deployments(&ctx.client, &ctx.ns, "m").await;
+        mds.get(&node).filter(|md| md.spec.version == "9.9.9").map(|_| ())
+    })
+    .await;
+}

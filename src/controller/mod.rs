@@ -8,6 +8,7 @@
 pub mod metrics;
 mod reconcile;
 pub mod resolve;
+mod triggers;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,10 +20,10 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
+use kube::runtime::WatchStreamExt;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, Event as WatchEvent};
-use kube::runtime::{Controller, WatchStreamExt};
 use kube::{Client, ResourceExt};
 use prometheus_client::registry::Registry;
 use tokio::sync::broadcast;
@@ -476,29 +477,30 @@ async fn run_controller(
         r = ready.wait_for(|r| *r) => if r.is_err() { return },
     }
     reconcile::sweep_orphans(&ctx).await;
-    let refs = BroadcastStream::new(triggers.subscribe()).filter_map(|r| async move { r.ok() });
-    // Everything once at start, then every 5 minutes as a safety net against lost triggers.
-    let resync = futures::stream::once(async {}).chain(
-        tokio_stream::wrappers::IntervalStream::new(tokio::time::interval_at(
-            tokio::time::Instant::now() + Duration::from_secs(300),
-            Duration::from_secs(300),
-        ))
-        .map(|_| ()),
-    );
-    let controller = Controller::for_stream(
-        futures::stream::pending::<Result<ModelRollout, watcher::Error>>(),
-        ctx.rollouts.clone(),
-    )
-    .reconcile_on(refs)
-    .reconcile_all_on(resync)
-    .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_millis(200)).concurrency(8))
-    .graceful_shutdown_on(stop.cancelled_owned());
-    controller
-        .run(reconcile::reconcile, reconcile::error_policy, ctx)
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                tracing::debug!(error = %e, "reconcile");
+    // A lagging receiver lost triggers it cannot name: reconcile everything instead.
+    let store = ctx.rollouts.clone();
+    let refs = BroadcastStream::new(triggers.subscribe()).flat_map(move |r| {
+        let refs = match r {
+            Ok(r) => vec![r],
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(missed)) => {
+                warn!(missed, "trigger channel lagged: reconciling every rollout");
+                store.state().iter().map(|o| ObjectRef::from_obj(&**o)).collect()
             }
-        })
-        .await;
+        };
+        futures::stream::iter(refs)
+    });
+    triggers::run_rollout_controller(
+        ctx.rollouts.clone(),
+        refs,
+        stop,
+        reconcile::reconcile,
+        reconcile::error_policy,
+        ctx,
+    )
+    .for_each(|res| async move {
+        if let Err(e) = res {
+            tracing::debug!(error = %e, "reconcile");
+        }
+    })
+    .await;
 }

@@ -16,7 +16,7 @@ use tracing::{info, instrument, warn};
 
 use super::Context;
 use super::metrics::{ErrorLabels, RolloutLabels};
-use super::resolve::ResolveError;
+use super::resolve::{ResolveError, TagNow};
 use crate::api::shared::{LABEL_MODEL, LABEL_NODE, LABEL_VERSION};
 use crate::api::{ModelDeployment, ModelDeploymentSpec, ModelRollout, ModelRolloutStatus, RolloutPhase};
 use crate::plan::convergence::aggregate;
@@ -194,6 +194,20 @@ async fn write_status(ctx: &Context, r: &ModelRollout, status: &ModelRolloutStat
     Ok(())
 }
 
+/// Pins a resolution in status at once: should anything after it fail, the retry must not read
+/// the tag again.
+async fn pin(ctx: &Context, r: &ModelRollout, target: &EffectiveTarget, note: String) -> Result<(), Error> {
+    let api: Api<ModelRollout> = Api::namespaced(ctx.client.clone(), &r.namespace().unwrap_or_default());
+    // A new resolution is a new target: the phase must not say Converged (of the old one) in the
+    // moment before the full status is written.
+    let patch = json!({"status": {"resolvedVersion": target.version, "resolvedDigest": target.digest,
+                                  "phase": RolloutPhase::Progressing}});
+    api.patch_status(&r.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    ctx.metrics.status_writes.inc();
+    publish(ctx, r, EventType::Normal, "Resolved", note).await;
+    Ok(())
+}
+
 async fn apply(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result<Action, Error> {
     let now = Timestamp::now();
     let ns = r.namespace().unwrap_or_default();
@@ -251,7 +265,7 @@ async fn apply(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result<Action, Error>
     let newly_aborted = prev_aborted.is_none() && threshold_crossed(spec, failed, targets.len());
     let aborted_version = if newly_aborted { Some(spec.version.clone()) } else { prev_aborted.clone() };
     let aborted = aborted_version.is_some();
-    let (target, resolved_note) = match effective_target(&ctx, &r, aborted).await {
+    let (mut target, resolved_note) = match effective_target(&ctx, &r, aborted).await {
         Ok(t) => t,
         Err(e) => {
             let problem = SourceProblem { reason: e.reason().into(), message: e.to_string() };
@@ -281,15 +295,7 @@ async fn apply(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result<Action, Error>
         }
     };
     if let Some(note) = resolved_note {
-        // Pin at once: should anything below fail, the retry must not read the tag again.
-        let api: Api<ModelRollout> = Api::namespaced(ctx.client.clone(), &ns);
-        // A fresh resolution is a new target: the phase must not say Converged (of the old one)
-        // in the moment before the full status below is written.
-        let patch = json!({"status": {"resolvedVersion": target.version, "resolvedDigest": target.digest,
-                                      "phase": RolloutPhase::Progressing}});
-        api.patch_status(&r.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
-        ctx.metrics.status_writes.inc();
-        publish(&ctx, &r, EventType::Normal, "Resolved", note).await;
+        pin(&ctx, &r, &target, note).await?;
     }
     if newly_aborted {
         // Record the abort before acting on it: once deployments move back, the failures that
@@ -333,17 +339,58 @@ async fn apply(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result<Action, Error>
     }
 
     // plan (pure)
-    let plan = plan_deployments(&PlanInput {
-        rollout: &r,
-        target: &target,
-        targets: &targets,
-        nodes: &facts,
-        deployments: &deployments,
-        contested: &contested,
-        aborted,
-        now,
-        heartbeat_timeout: ctx.heartbeat_timeout,
-    });
+    let plan_for = |target: &EffectiveTarget| {
+        plan_deployments(&PlanInput {
+            rollout: &r,
+            target,
+            targets: &targets,
+            nodes: &facts,
+            deployments: &deployments,
+            contested: &contested,
+            aborted,
+            now,
+            heartbeat_timeout: ctx.heartbeat_timeout,
+        })
+    };
+    let mut plan = plan_for(&target);
+    // A node no pinned variant fits may be waiting for one still being pushed: look at the tag again.
+    let mut tag_recheck = None;
+    if plan.waits_for_a_variant() && !target.rolling_back {
+        let pinned = crate::oci::Resolved { digest: target.digest.clone(), variants: target.variants.clone() };
+        let (tag, next) = ctx.resolver.recheck_tag(&ctx.client, &r, &target.version, &pinned).await;
+        match tag {
+            TagNow::Extended(fresh) => {
+                let added: Vec<&str> = fresh
+                    .variants
+                    .iter()
+                    .filter(|f| target.variants.iter().all(|p| p.name != f.name))
+                    .map(|f| f.name.as_str())
+                    .collect();
+                let note = format!(
+                    "{}:{} gained variant(s) {}: resolved to {} (was {}; the variants already pinned are unchanged)",
+                    spec.source.repository,
+                    target.version,
+                    added.join(", "),
+                    fresh.digest,
+                    target.digest
+                );
+                info!("{note}");
+                target = EffectiveTarget { digest: fresh.digest, variants: fresh.variants, ..target };
+                pin(&ctx, &r, &target, note).await?;
+                plan = plan_for(&target);
+            }
+            TagNow::Moved(digest) => {
+                let note = format!(
+                    "{}:{} now points to {digest}, which changes variants pinned from {}: the rollout keeps \
+                     {}; push changed bytes as a new version",
+                    spec.source.repository, target.version, target.digest, target.digest
+                );
+                publish(&ctx, &r, EventType::Warning, "TagMoved", note).await;
+            }
+            TagNow::Same => {}
+        }
+        tag_recheck = plan.waits_for_a_variant().then_some(next);
+    }
 
     // apply
     let md_api: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), &ns);
@@ -450,7 +497,8 @@ async fn apply(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result<Action, Error>
     ctx.failures.lock().expect("failures lock").remove(&uid);
 
     // Heartbeats age without events: look again when the first one would expire.
-    let recheck = plan.recheck_after.unwrap_or(Duration::from_secs(300)).min(Duration::from_secs(300));
+    // ... and the tag, while a node waits for a variant.
+    let recheck = [plan.recheck_after, tag_recheck].into_iter().flatten().fold(Duration::from_secs(300), Duration::min);
     Ok(Action::requeue(recheck))
 }
 
@@ -474,6 +522,7 @@ async fn cleanup(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result<Action, Erro
     }
     ctx.metrics.forget(&labels(&r));
     ctx.rates.forget(&uid);
+    ctx.resolver.forget(&uid);
     ctx.failures.lock().expect("failures lock").remove(&uid);
     info!(deleted = owned.len(), "rollout deleted: removed its ModelDeployments");
     Ok(Action::await_change())

@@ -6,6 +6,10 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::Duration;
+
+use kube::ResourceExt;
+use tokio::time::Instant;
 
 use oci_client::secrets::RegistryAuth;
 
@@ -44,11 +48,41 @@ impl ResolveError {
     }
 }
 
+/// The first look at a tag again after it was read; each later one waits twice as long, up to
+/// [`TAG_RECHECK_MAX`].
+pub const TAG_RECHECK_FIRST: Duration = Duration::from_secs(10);
+/// The longest wait between two looks at a tag while a node waits for a variant.
+pub const TAG_RECHECK_MAX: Duration = Duration::from_secs(300);
+
+/// What a version's tag says now, next to the index pinned for it.
+#[derive(Debug)]
+pub enum TagNow {
+    /// Not due for a look, unchanged, or unreadable: the pin stands.
+    Same,
+    /// The tag's index keeps every pinned variant byte for byte and adds some: it may replace the pin.
+    Extended(Resolved),
+    /// The tag moved to an index that changes pinned variants (said once per digest): the pin stands.
+    Moved(String),
+}
+
+/// When to look at a rollout's tag again.
+struct Recheck {
+    due: Instant,
+    attempts: u32,
+    moved_reported: Option<String>,
+}
+
 /// Resolves sources, caching indexes by digest and clients per registry.
 #[derive(Default)]
 pub struct Resolver {
     by_digest: Mutex<HashMap<String, Resolved>>,
     clients: Mutex<HashMap<(String, bool), oci_client::Client>>,
+    /// By `uid/version`: the tag's next look while a node waits for a variant.
+    rechecks: Mutex<HashMap<String, Recheck>>,
+}
+
+fn recheck_key(rollout: &ModelRollout, version: &str) -> String {
+    format!("{}/{version}", rollout.uid().unwrap_or_default())
 }
 
 impl Resolver {
@@ -88,15 +122,85 @@ impl Resolver {
         {
             return Ok(hit.clone());
         }
-        let reference = match pinned_digest {
-            Some(d) => format!("{repo}@{d}"),
-            None => format!("{repo}:{version}"),
+        let resolved = match pinned_digest {
+            Some(d) => self.read(client, rollout, &format!("{repo}@{d}")).await?,
+            None => {
+                let resolved = self.read(client, rollout, &format!("{repo}:{version}")).await?;
+                // Just read: should a node wait for a variant, the next look comes later.
+                let first = Recheck { due: Instant::now() + TAG_RECHECK_FIRST, attempts: 0, moved_reported: None };
+                self.rechecks.lock().expect("resolver lock").insert(recheck_key(rollout, version), first);
+                resolved
+            }
         };
-        let registry = parse_reference(&reference)?.resolve_registry().to_string();
+        Ok(resolved)
+    }
+
+    /// Reads a reference from the registry (no cache), and caches the index by its digest.
+    async fn read(
+        &self,
+        client: &kube::Client,
+        rollout: &ModelRollout,
+        reference: &str,
+    ) -> Result<Resolved, ResolveError> {
+        let registry = parse_reference(reference)?.resolve_registry().to_string();
         let auth = self.auth(client, rollout, &registry).await?;
         let oci = self.client(&registry, rollout.spec.source.insecure);
-        let resolved = resolve(&oci, &auth, &reference).await?;
+        let resolved = resolve(&oci, &auth, reference).await?;
+        let repo = &rollout.spec.source.repository;
         self.by_digest.lock().expect("resolver lock").insert(format!("{repo}@{}", resolved.digest), resolved.clone());
         Ok(resolved)
+    }
+
+    /// Reads `<repository>:<version>` again, when due, for a rollout with a node that no variant of
+    /// the pinned index fits: the variants of a version may be pushed one after another (one CI job
+    /// each), and the tag may have been read between two pushes. Looks [`TAG_RECHECK_FIRST`] after
+    /// the tag was read, then twice as long each time up to [`TAG_RECHECK_MAX`]; returns what the
+    /// tag says and when the next look is due.
+    pub async fn recheck_tag(
+        &self,
+        client: &kube::Client,
+        rollout: &ModelRollout,
+        version: &str,
+        pinned: &Resolved,
+    ) -> (TagNow, Duration) {
+        let key = recheck_key(rollout, version);
+        let now = Instant::now();
+        let wait = {
+            let mut rechecks = self.rechecks.lock().expect("resolver lock");
+            let e = rechecks.entry(key.clone()).or_insert(Recheck { due: now, attempts: 0, moved_reported: None });
+            if now < e.due {
+                return (TagNow::Same, e.due - now);
+            }
+            e.attempts += 1;
+            let wait = TAG_RECHECK_FIRST.saturating_mul(1 << (e.attempts - 1).min(8)).min(TAG_RECHECK_MAX);
+            e.due = now + wait;
+            wait
+        };
+        let fresh = match self.read(client, rollout, &format!("{}:{version}", rollout.spec.source.repository)).await {
+            Ok(fresh) if fresh.digest != pinned.digest => fresh,
+            Ok(_) => return (TagNow::Same, wait),
+            Err(e) => {
+                tracing::debug!(error = %e, "re-reading the tag failed: the pinned index stands");
+                return (TagNow::Same, wait);
+            }
+        };
+        let mut rechecks = self.rechecks.lock().expect("resolver lock");
+        let Some(e) = rechecks.get_mut(&key) else { return (TagNow::Same, wait) };
+        if crate::plan::variant::extends(&pinned.variants, &fresh.variants) {
+            // More variants may follow soon: look again as after a first read.
+            e.attempts = 0;
+            e.due = now + TAG_RECHECK_FIRST;
+            (TagNow::Extended(fresh), TAG_RECHECK_FIRST)
+        } else if e.moved_reported.as_deref() == Some(fresh.digest.as_str()) {
+            (TagNow::Same, wait)
+        } else {
+            e.moved_reported = Some(fresh.digest.clone());
+            (TagNow::Moved(fresh.digest), wait)
+        }
+    }
+
+    /// Forgets a deleted rollout's schedules.
+    pub fn forget(&self, uid: &str) {
+        self.rechecks.lock().expect("resolver lock").retain(|k, _| !k.starts_with(&format!("{uid}/")));
     }
 }

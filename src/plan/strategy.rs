@@ -110,6 +110,21 @@ pub struct Plan {
     pub recheck_after: Option<Duration>,
 }
 
+impl Plan {
+    /// Whether a target is blocked only because no variant of the index fits it (a variant pushed
+    /// to the version later could): incompatible, short of GPU memory, or of storage.
+    pub fn waits_for_a_variant(&self) -> bool {
+        self.targets.iter().filter_map(|t| t.planned_blocker.as_ref()).any(|b| {
+            matches!(
+                b.reason,
+                BlockerReason::IncompatibleCapabilities
+                    | BlockerReason::InsufficientGpuMemory
+                    | BlockerReason::InsufficientStorage
+            )
+        })
+    }
+}
+
 /// The uid of the ModelRollout that controls a ModelDeployment.
 pub fn controller_uid(md: &ModelDeployment) -> Option<&str> {
     md.metadata
@@ -627,6 +642,8 @@ mod tests {
         assert_eq!(nodes_of(&plan, "2.0.0"), ["n0"]);
         let b = plan.targets[1].planned_blocker.as_ref().unwrap();
         assert_eq!(b.reason, BlockerReason::IncompatibleCapabilities);
+        assert!(plan.waits_for_a_variant(), "a cpu variant pushed later would serve n1");
+        assert!(!Case::new(2, None).plan().waits_for_a_variant(), "every target has a variant");
     }
 
     #[test]

@@ -171,6 +171,14 @@ pub fn select_variant<'a>(
         .expect("non-empty"))
 }
 
+/// Whether an index read from the tag again may replace the pinned one: it keeps every pinned
+/// variant byte for byte (same name, same manifest digest) and adds at least one. Nodes already
+/// served keep their bytes; only nodes no pinned variant fits gain. A tag re-pushed with changed
+/// variants does not qualify (the pin exists so that every node of a version gets the same bytes).
+pub fn extends(pinned: &[VariantInfo], fresh: &[VariantInfo]) -> bool {
+    fresh.len() > pinned.len() && pinned.iter().all(|p| fresh.iter().any(|f| f.name == p.name && f.digest == p.digest))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,5 +367,18 @@ mod tests {
         let variants =
             vec![variant("b-cpu", "int8", &["cpu"], 0, 100, None), variant("a-cpu", "int8", &["cpu"], 0, 100, None)];
         assert_eq!(pick(None, &variants, &node("amd64", &["cpu"], 0, GI)).unwrap(), "a-cpu");
+    }
+
+    #[test]
+    fn an_index_that_adds_variants_extends_the_pinned_one_a_changed_variant_does_not() {
+        let pinned = vec![catalogue()[0].clone()];
+        assert!(extends(&pinned, &catalogue()), "fp16-cuda kept, three added");
+        assert!(!extends(&pinned, &pinned), "nothing added");
+        let mut changed = catalogue();
+        changed[0].digest = "sha256:rebuilt".into();
+        assert!(!extends(&pinned, &changed), "fp16-cuda re-pushed with other bytes");
+        assert!(!extends(&catalogue(), &pinned), "variants removed");
+        let renamed = vec![VariantInfo { name: "fp16".into(), ..catalogue()[0].clone() }, catalogue()[2].clone()];
+        assert!(!extends(&pinned, &renamed), "the same bytes under another name");
     }
 }
