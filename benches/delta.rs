@@ -7,7 +7,7 @@
 //! - the delta upgrade's time ÷ a full pull of the same version by a node holding nothing;
 //! - FastCDC chunking + per-chunk sha256 throughput ÷ plain sha256 throughput on the same bytes;
 //! - a chunk size sweep (over-fetch, index size, chunking speed per average size) — the measurement
-//!   behind the sizes in `src/delta/chunk_index.rs`.
+//!   behind the sizes in `src/oci/chunk_index.rs`.
 //!
 //! PEAT_BENCH_DELTA_MIB sets the model's size (default 1024).
 
@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use kube::api::{Api, Patch, PatchParams};
 use peat::api::{DeploymentPhase, ModelDeployment};
-use peat::delta::chunk_index::{DEFAULT_PARAMS, Params, index_bytes};
+use peat::oci::chunk_index::{DEFAULT_PARAMS, Params, index_bytes};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 

@@ -74,14 +74,14 @@ mod tests {
     fn the_dashboard_queries_only_exported_metrics() {
         let mut registry = Registry::default();
         let c = crate::controller::metrics::Metrics::new(&mut registry);
-        let a = crate::agent::Metrics::new(&mut registry);
+        let a = crate::agent::metrics::Metrics::new(&mut registry);
         // Families show only once they have a series.
         let rollout = crate::controller::metrics::RolloutLabels { namespace: "ns".into(), name: "r".into() };
         for family in [&c.converged, &c.failed, &c.total] {
             family.get_or_create(&rollout).set(1);
         }
         c.errors.get_or_create(&crate::controller::metrics::ErrorLabels { category: "kube" }).inc();
-        a.transfers.get_or_create(&crate::agent::ResultLabels { result: "succeeded" }).inc();
+        a.transfers.get_or_create(&crate::agent::metrics::ResultLabels { result: "succeeded" }).inc();
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         let mut exported = std::collections::BTreeSet::new();

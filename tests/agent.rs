@@ -325,7 +325,7 @@ async fn a_tampered_blob_fails_and_the_previous_version_stays_active() {
     s.apply("m", "1.0.0", &[&agent], json!({})).await;
     s.converged("m", "1.0.0", &[&agent]).await;
 
-    let v2_digest = peat::oci::push::sha256_digest(&v2[0].1);
+    let v2_digest = peat::oci::digest::sha256_digest(&v2[0].1);
     tamper(&s.registry, &v2_digest);
     s.apply("m", "2.0.0", &[&agent], json!({})).await;
     let md = s
@@ -459,7 +459,7 @@ async fn unsafe_titles_and_oversized_layers_are_refused() {
     let access = peat::oci::RegistryAccess { insecure: true, ..Default::default() };
     let client = access.client();
     let data = pseudo_random(41, 2000);
-    let digest = peat::oci::push::sha256_digest(&data);
+    let digest = peat::oci::digest::sha256_digest(&data);
     let repo = s.repo("big");
     let r: oci_client::Reference = format!("{repo}:1.0.0").parse().unwrap();
     client.push_blob(&r, data.clone(), &digest).await.unwrap();

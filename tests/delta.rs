@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use kube::api::{Api, Patch, PatchParams};
 use peat::api::{ModelDeployment, ModelRollout, RolloutPhase};
-use peat::delta::chunk_index::{DEFAULT_PARAMS, MAX_CHUNK, index_bytes};
+use peat::oci::chunk_index::{DEFAULT_PARAMS, MAX_CHUNK, index_bytes};
 use peat::oci::push::VariantMeta;
 use peat::testenv::Registry;
 use serde_json::json;

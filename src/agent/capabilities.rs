@@ -1,6 +1,20 @@
-//! What the node can run: architecture, GPUs (NVML when present), execution providers, storage.
+//! What the node can run: architecture, GPUs (NVML when present), execution providers, storage —
+//! detected, overridden by flags and by the Node's `peat.dev/` annotations, which are followed live.
 
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{Agent, Options};
+use crate::units::parse_quantity;
 
 /// Flags that replace detected values (tests give each agent process a different node this way).
 #[derive(Clone, Debug, Default, clap::Args)]
@@ -19,10 +33,6 @@ pub struct Overrides {
     pub providers: Option<Vec<String>>,
 }
 
-fn parse_quantity(s: &str) -> Result<u64, String> {
-    crate::api::quantity::parse_bytes(s).map_err(|e| e.to_string())
-}
-
 /// Node annotations an administrator sets where detection cannot see (Jetson has no NVML) or where
 /// one DaemonSet serves differing nodes: `kubectl annotate node jetson-1 peat.dev/gpu-memory=8Gi`.
 pub const ANNOTATION_ARCH: &str = "peat.dev/arch";
@@ -37,9 +47,7 @@ pub const ANNOTATION_PROVIDERS: &str = "peat.dev/providers";
 const ANNOTATIONS: [&str; 4] = [ANNOTATION_ARCH, ANNOTATION_GPUS, ANNOTATION_GPU_MEMORY, ANNOTATION_PROVIDERS];
 
 /// The capability annotations among a Node's annotations.
-pub fn capability_annotations(
-    all: &std::collections::BTreeMap<String, String>,
-) -> std::collections::BTreeMap<String, String> {
+pub fn capability_annotations(all: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     all.iter().filter(|(k, _)| ANNOTATIONS.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
@@ -47,10 +55,7 @@ impl Overrides {
     /// These overrides, with the node's `peat.dev/…` annotations filling what no flag sets (a flag
     /// wins over an annotation, an annotation over detection). A malformed annotation is left out
     /// and named in the returned problems, so the agent can say so and run on.
-    pub fn with_annotations(
-        &self,
-        annotations: &std::collections::BTreeMap<String, String>,
-    ) -> (Overrides, Vec<String>) {
+    pub fn with_annotations(&self, annotations: &BTreeMap<String, String>) -> (Overrides, Vec<String>) {
         let mut out = self.clone();
         let mut problems = Vec::new();
         let get = |k: &str| annotations.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
@@ -151,6 +156,79 @@ pub fn storage(path: &Path) -> std::io::Result<(u64, u64)> {
     Ok((st.f_bavail as u64 * frsize, st.f_blocks as u64 * frsize))
 }
 
+/// The Node's capability annotations (`peat.dev/arch` …), or none when the Node does not exist.
+/// At start; later changes are followed by [`follow_capability_annotations`]. Until the Node can be
+/// read it retries: starting without the annotations would publish wrong capabilities (a Jetson
+/// without its GPU).
+pub(super) async fn read_capability_annotations(client: &Client, node: &str) -> Option<BTreeMap<String, String>> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let mut wait = Duration::from_secs(1);
+    loop {
+        match nodes.get_opt(node).await {
+            Ok(Some(n)) => return Some(capability_annotations(n.annotations())),
+            Ok(None) => {
+                warn!(node, "no Node of this name: capabilities from flags and detection only");
+                return None;
+            }
+            Err(e) => {
+                warn!(node, error = %e, retry_in = ?wait, "reading the Node for its capability annotations failed");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Detects the capabilities with the flags, then `annotations`, over what is detected; says which
+/// annotations were malformed. (NVML calls block: run off the runtime.)
+pub(super) async fn detect_capabilities(opts: &Options, annotations: &BTreeMap<String, String>) -> Capabilities {
+    let (overrides, problems) = opts.capabilities.with_annotations(annotations);
+    for p in problems {
+        warn!(node = %opts.node_name, "ignoring a capability annotation: {p}");
+    }
+    tokio::task::spawn_blocking(move || detect(&overrides)).await.expect("capability detection does not panic")
+}
+
+/// Watches this node's Node and, when its capability annotations change from `last`, recomputes
+/// what the ModelNode reports and writes it at once (no agent restart needed). Other Node changes
+/// (the kubelet's status, our own labels) are ignored.
+pub(super) async fn follow_capability_annotations(
+    agent: Arc<Agent>,
+    mut last: Option<BTreeMap<String, String>>,
+    shutdown: CancellationToken,
+) {
+    let nodes: Api<Node> = Api::all(agent.client.clone());
+    let wc = watcher::Config::default().fields(&format!("metadata.name={}", agent.opts.node_name));
+    let mut events = std::pin::pin!(watcher(nodes, wc).default_backoff().applied_objects());
+    loop {
+        let node = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            ev = events.next() => match ev {
+                Some(Ok(node)) => node,
+                Some(Err(e)) => {
+                    warn!(error = %e, "watching the Node for capability annotations");
+                    continue;
+                }
+                None => return,
+            },
+        };
+        let now = capability_annotations(node.annotations());
+        if last.as_ref() == Some(&now) {
+            continue;
+        }
+        let caps = detect_capabilities(&agent.opts, &now).await;
+        last = Some(now);
+        let changed = {
+            let mut current = agent.caps.lock().expect("caps lock");
+            std::mem::replace(&mut *current, caps.clone()) != caps
+        };
+        if changed {
+            info!(node = %agent.opts.node_name, ?caps, "capability annotations changed");
+            agent.inventory_changed.notify_one();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,7 +247,7 @@ mod tests {
         assert!(!c.arch.is_empty() && c.arch != "x86_64");
     }
 
-    fn annotations(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
+    fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 

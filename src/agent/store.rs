@@ -16,6 +16,8 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::oci::digest::digest_hex;
+
 /// One file of a version on disk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileRecord {
@@ -86,16 +88,6 @@ pub fn validate_title(title: &str) -> Result<PathBuf, String> {
         return Err(format!("{title:?} escapes the model directory"));
     }
     Ok(out)
-}
-
-/// `sha256:<64 hex>` → `<hex>`, refusing anything else (digests become file names).
-pub fn digest_hex(digest: &str) -> io::Result<&str> {
-    match digest.strip_prefix("sha256:") {
-        Some(hex) if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) => {
-            Ok(hex)
-        }
-        _ => Err(io::Error::new(io::ErrorKind::InvalidData, format!("{digest:?} is not a sha256 digest"))),
-    }
 }
 
 /// The store under one root directory.
@@ -406,7 +398,7 @@ mod tests {
     use super::*;
 
     fn put_blob(store: &Store, data: &[u8]) -> String {
-        let digest = crate::oci::push::sha256_digest(data);
+        let digest = crate::oci::digest::sha256_digest(data);
         let partial = store.partial_path(&digest).unwrap();
         std::fs::write(&partial, data).unwrap();
         store.commit_blob(&digest, &partial).unwrap();

@@ -10,6 +10,7 @@ use oci_client::secrets::RegistryAuth;
 use crate::oci::RegistryAccess;
 use crate::oci::client::{auth_from_docker_config, parse_reference};
 use crate::oci::push::{PushProgress, VariantMeta, model_files, push_dir};
+use crate::units::parse_quantity;
 
 /// Arguments of `peat push`.
 #[derive(Clone, Debug, clap::Args)]
@@ -43,10 +44,6 @@ pub struct PushArgs {
     /// Docker config with credentials (default `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`).
     #[arg(long, env = "PEAT_REGISTRY_CONFIG")]
     pub registry_config: Option<PathBuf>,
-}
-
-fn parse_quantity(s: &str) -> Result<u64, String> {
-    crate::api::quantity::parse_bytes(s).map_err(|e| e.to_string())
 }
 
 fn docker_config_path(explicit: Option<&PathBuf>) -> Option<PathBuf> {

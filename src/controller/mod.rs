@@ -35,6 +35,7 @@ use crate::admin::{self, Admin};
 use crate::api::{ModelDeployment, ModelNode, ModelRollout, ModelRolloutSpec};
 use crate::plan::scope::NodeFacts;
 use crate::telemetry::LogFormat;
+use crate::units::parse_duration;
 
 pub use reconcile::{Error, FIELD_MANAGER, FINALIZER};
 
@@ -65,21 +66,6 @@ pub struct Options {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "PEAT_LOG_FORMAT")]
     pub log_format: LogFormat,
-}
-
-/// Parses `90s`, `2m`, `1h`, `500ms` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration such as 90s, 2m or 500ms"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "ms" => n / 1000.0,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
-    };
-    Ok(Duration::from_secs_f64(secs))
 }
 
 /// Transfer-rate samples per rollout (uid), for the ETA.

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use oci_client::secrets::RegistryAuth;
 
 use crate::api::ModelRollout;
-use crate::oci::client::{OciError, RegistryAccess, auth_from_secret, parse_reference};
+use crate::oci::client::{Clients, OciError, auth_from_secret, parse_reference};
 use crate::oci::{Resolved, resolve};
 
 /// Why a source could not be resolved.
@@ -76,7 +76,7 @@ struct Recheck {
 #[derive(Default)]
 pub struct Resolver {
     by_digest: Mutex<HashMap<String, Resolved>>,
-    clients: Mutex<HashMap<(String, bool), oci_client::Client>>,
+    clients: Clients,
     /// By `uid/version`: the tag's next look while a node waits for a variant.
     rechecks: Mutex<HashMap<String, Recheck>>,
 }
@@ -86,14 +86,6 @@ fn recheck_key(rollout: &ModelRollout, version: &str) -> String {
 }
 
 impl Resolver {
-    fn client(&self, registry: &str, insecure: bool) -> oci_client::Client {
-        let mut clients = self.clients.lock().expect("resolver lock");
-        clients
-            .entry((registry.to_string(), insecure))
-            .or_insert_with(|| RegistryAccess { insecure, auth: RegistryAuth::Anonymous }.client())
-            .clone()
-    }
-
     async fn auth(
         &self,
         client: &kube::Client,
@@ -144,7 +136,7 @@ impl Resolver {
     ) -> Result<Resolved, ResolveError> {
         let registry = parse_reference(reference)?.resolve_registry().to_string();
         let auth = self.auth(client, rollout, &registry).await?;
-        let oci = self.client(&registry, rollout.spec.source.insecure);
+        let oci = self.clients.get(&registry, rollout.spec.source.insecure, &auth);
         let resolved = resolve(&oci, &auth, reference).await?;
         let repo = &rollout.spec.source.repository;
         self.by_digest.lock().expect("resolver lock").insert(format!("{repo}@{}", resolved.digest), resolved.clone());

@@ -138,6 +138,30 @@ impl RegistryAccess {
     }
 }
 
+/// Registry clients, one per (registry, protocol, credentials): oci-client keeps the credentials
+/// (and tokens) a client first used, so other or rotated credentials need a client of their own.
+#[derive(Default)]
+pub struct Clients {
+    by_access: std::sync::Mutex<std::collections::HashMap<(String, bool, String), oci_client::Client>>,
+}
+
+impl Clients {
+    /// The client for `registry` with these credentials (made on first use).
+    pub fn get(&self, registry: &str, insecure: bool, auth: &RegistryAuth) -> oci_client::Client {
+        let fingerprint = match auth {
+            RegistryAuth::Anonymous => String::new(),
+            RegistryAuth::Basic(u, p) => super::digest::sha256_digest(format!("{u}:{p}").as_bytes()),
+            RegistryAuth::Bearer(t) => super::digest::sha256_digest(t.as_bytes()),
+        };
+        self.by_access
+            .lock()
+            .expect("registry clients lock")
+            .entry((registry.to_string(), insecure, fingerprint))
+            .or_insert_with(|| RegistryAccess { insecure, auth: RegistryAuth::Anonymous }.client())
+            .clone()
+    }
+}
+
 /// Parses a reference, mapping the error.
 pub fn parse_reference(reference: &str) -> Result<Reference, OciError> {
     reference

@@ -8,9 +8,9 @@ use oci_client::manifest::{
     OciManifest, Platform,
 };
 use oci_client::secrets::RegistryAuth;
-use sha2::{Digest, Sha256};
 
 use super::client::{OciError, parse_reference};
+use super::digest::sha256_digest;
 use super::layout::*;
 
 /// The empty JSON config of an artifact manifest (OCI 1.1 `application/vnd.oci.empty.v1+json`).
@@ -34,11 +34,6 @@ pub struct VariantMeta {
     pub os: Option<String>,
 }
 
-/// `sha256:<hex>` of some bytes.
-pub fn sha256_digest(data: &[u8]) -> String {
-    format!("sha256:{:x}", Sha256::digest(data))
-}
-
 /// One file of a variant, already in the registry.
 fn file_layer(path: &str, digest: String, size: u64) -> OciDescriptor {
     OciDescriptor {
@@ -55,7 +50,7 @@ fn file_layer(path: &str, digest: String, size: u64) -> OciDescriptor {
 async fn push_chunk_index(
     client: &oci_client::Client,
     r: &oci_client::Reference,
-    index: &crate::delta::chunk_index::ChunkIndex,
+    index: &super::chunk_index::ChunkIndex,
 ) -> Result<OciDescriptor, oci_client::errors::OciDistributionError> {
     let json = serde_json::to_vec(index).expect("an index serializes");
     let digest = sha256_digest(&json);
@@ -93,7 +88,7 @@ pub async fn push_variant_bytes(
         let digest = sha256_digest(data);
         client.push_blob(&r, data.clone(), &digest).await.map_err(err)?;
         layers.push(file_layer(path, digest, data.len() as u64));
-        let index = crate::delta::chunk_index::index_bytes(data, crate::delta::chunk_index::DEFAULT_PARAMS);
+        let index = super::chunk_index::index_bytes(data, super::chunk_index::DEFAULT_PARAMS);
         indexes.push(push_chunk_index(client, &r, &index).await.map_err(err)?);
     }
     layers.extend(indexes);
@@ -214,7 +209,7 @@ pub async fn push_dir(
         let (index, digest) = tokio::task::spawn_blocking(move || {
             let file = std::fs::File::open(&path)?;
             let reader = ProgressReader { inner: std::io::BufReader::with_capacity(1 << 20, file), progress: p };
-            crate::delta::chunk_index::index_reader(reader, crate::delta::chunk_index::DEFAULT_PARAMS)
+            super::chunk_index::index_reader(reader, super::chunk_index::DEFAULT_PARAMS)
         })
         .await
         .map_err(|e| local(std::io::Error::other(e)))?

@@ -8,16 +8,18 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
-use futures::StreamExt;
 use oci_client::Reference;
 use oci_client::client::BlobResponse;
 use oci_client::manifest::OciDescriptor;
 use tracing::{debug, info};
 
-use super::chunk_index::{ChunkIndex, Params, index_reader};
-use crate::agent::pull::{FileLayer, LayerWriter, PullError, Transfer, verify_and_commit};
+use super::plan::FileLayer;
+use super::writer::{LayerWriter, claim, pump, verify_and_commit};
+use super::{Transfer, TransferError, is_enospc};
 use crate::agent::store::Store;
 use crate::oci::OciError;
+use crate::oci::chunk_index::{ChunkIndex, Params, index_reader};
+use crate::oci::digest::sha256_digest;
 
 /// Largest chunk index accepted (a 1 GiB file's index is ~2.5 MB).
 const MAX_INDEX_BYTES: u64 = 64 << 20;
@@ -29,19 +31,19 @@ pub async fn fetch_index(
     digest: &str,
     size: u64,
     f: &FileLayer,
-) -> Result<ChunkIndex, PullError> {
-    let bad = |why: String| PullError::BadArtifact { artifact: format!("{}@{digest}", r.repository()), why };
+) -> Result<ChunkIndex, TransferError> {
+    let bad = |why: String| TransferError::BadArtifact { artifact: format!("{}@{digest}", r.repository()), why };
     if size > MAX_INDEX_BYTES {
         return Err(bad(format!("chunk index of {size} bytes")));
     }
     let desc = OciDescriptor { digest: digest.to_string(), size: size as i64, ..Default::default() };
     let mut raw = Vec::with_capacity(size as usize);
     tokio::select! {
-        _ = t.cancel.cancelled() => return Err(PullError::Cancelled),
+        _ = t.cancel.cancelled() => return Err(TransferError::Cancelled),
         res = t.source.client.pull_blob(r, &desc, &mut raw) => res.map_err(|e| OciError::from_client(digest, e))?,
     }
     t.progress.fetched.fetch_add(raw.len() as u64, Ordering::Relaxed);
-    if crate::oci::push::sha256_digest(&raw) != digest {
+    if sha256_digest(&raw) != digest {
         return Err(bad("chunk index digest mismatch".into()));
     }
     let index: ChunkIndex = serde_json::from_slice(&raw).map_err(|e| bad(format!("not a chunk index: {e}")))?;
@@ -153,10 +155,12 @@ impl LocalChunks {
 /// Whether a failed delta transfer should give way to a whole pull (its partial removed): the
 /// rebuilt bytes were wrong, the registry cannot serve ranges, the index or a local source is
 /// unusable. An outage, a cancel or a full disk keep the partial rebuild for the retry.
-pub fn falls_back(e: &PullError) -> bool {
+pub fn falls_back(e: &TransferError) -> bool {
     match e {
-        PullError::DigestMismatch { .. } | PullError::BadArtifact { .. } | PullError::Oversize { .. } => true,
-        PullError::Io(io) => io.raw_os_error() != Some(libc::ENOSPC),
+        TransferError::DigestMismatch { .. } | TransferError::BadArtifact { .. } | TransferError::Oversize { .. } => {
+            true
+        }
+        TransferError::Io(io) => !is_enospc(io),
         _ => false,
     }
 }
@@ -224,19 +228,12 @@ pub async fn fetch_layer_delta(
     f: &FileLayer,
     index: &ChunkIndex,
     local: &LocalChunks,
-) -> Result<(), PullError> {
-    let _only_writer = tokio::select! {
-        _ = t.cancel.cancelled() => return Err(PullError::Cancelled),
-        guard = t.in_flight.lock(&f.digest) => guard,
-    };
+) -> Result<(), TransferError> {
+    let Some(claim) = claim(t, f).await? else { return Ok(()) };
+    let partial = claim.partial.clone();
     // The partial's bytes were counted as fetched before the transfer began; recount them below.
-    let have = t.store.partial_len(&f.digest).min(f.size);
+    let have = claim.have.min(f.size);
     t.progress.fetched.fetch_sub(have, Ordering::Relaxed);
-    if t.store.has_blob(&f.digest, f.size) {
-        t.progress.reused.fetch_add(f.size, Ordering::Relaxed);
-        return Ok(());
-    }
-    let partial = t.store.partial_path(&f.digest)?;
     // A rebuild writes in order: an earlier attempt's prefix up to its last whole chunk stands.
     let keep = index.spans().map(|s| s.0).filter(|&o| o <= have).max().unwrap_or(0);
     let mut reused = 0u64;
@@ -255,7 +252,7 @@ pub async fn fetch_layer_delta(
     let desc = OciDescriptor { digest: f.digest.clone(), size: f.size as i64, ..Default::default() };
     let reference = format!("{}@{}", r.repository(), f.digest);
     let mut failure = None;
-    'runs: for run in plan {
+    for run in plan {
         match run {
             Run::Local { path, at, len } => {
                 if !writer.copy(path, at, len).await {
@@ -266,16 +263,14 @@ pub async fn fetch_layer_delta(
             }
             Run::Remote { offset, len } => {
                 let response = tokio::select! {
-                    _ = t.cancel.cancelled() => { failure = Some(PullError::Cancelled); break 'runs; }
+                    _ = t.cancel.cancelled() => { failure = Some(TransferError::Cancelled); break; }
                     res = t.source.client.pull_blob_stream_partial(r, &desc, offset, Some(len)) => res,
                 };
-                let mut stream = match response {
+                let stream = match response {
                     Ok(BlobResponse::Partial(s)) => s.stream,
                     Ok(BlobResponse::Full(_)) => {
-                        failure = Some(PullError::BadArtifact {
-                            artifact: reference.clone(),
-                            why: "the registry does not serve byte ranges".into(),
-                        });
+                        let why = "the registry does not serve byte ranges".into();
+                        failure = Some(TransferError::BadArtifact { artifact: reference.clone(), why });
                         break;
                     }
                     Err(e) => {
@@ -283,39 +278,19 @@ pub async fn fetch_layer_delta(
                         break;
                     }
                 };
-                let mut got = 0u64;
-                loop {
-                    let next = tokio::select! {
-                        _ = t.cancel.cancelled() => { failure = Some(PullError::Cancelled); break 'runs; }
-                        next = stream.next() => next,
-                    };
-                    match next {
-                        None => break,
-                        Some(Ok(chunk)) => {
-                            got += chunk.len() as u64;
-                            if got > len {
-                                failure = Some(PullError::Oversize { title: f.title.clone(), declared: len });
-                                break 'runs;
-                            }
-                            if let Some(l) = t.limiter {
-                                l.acquire(chunk.len()).await;
-                            }
-                            t.progress.fetched.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                            if !writer.write(chunk).await {
-                                break 'runs;
-                            }
-                        }
-                        Some(Err(e)) => {
-                            let message = format!("reading a range: {e}");
-                            failure = Some(OciError::Unreachable { reference: reference.clone(), message }.into());
-                            break 'runs;
-                        }
+                let oversize = || TransferError::Oversize { title: f.title.clone(), declared: len };
+                match pump(t, stream, &writer, len, oversize, &reference).await {
+                    Ok(got) if got == len => {}
+                    Ok(got) => {
+                        // Ended early, or the writer stopped (then finish() says why).
+                        let message = format!("a range ended after {got} of {len} bytes");
+                        failure = Some(OciError::Unreachable { reference: reference.clone(), message }.into());
+                        break;
                     }
-                }
-                if got != len {
-                    let message = format!("a range ended after {got} of {len} bytes");
-                    failure = Some(OciError::Unreachable { reference: reference.clone(), message }.into());
-                    break;
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
                 }
             }
         }
@@ -336,7 +311,7 @@ pub async fn fetch_layer_delta(
             if falls_back(&e) {
                 // Removed while this transfer still holds the layer: the whole pull starts clean.
                 let _ = tokio::fs::remove_file(&partial).await;
-                if matches!(e, PullError::DigestMismatch { .. }) {
+                if matches!(e, TransferError::DigestMismatch { .. }) {
                     local.distrust(t.store);
                 }
             }
@@ -348,7 +323,7 @@ pub async fn fetch_layer_delta(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::delta::chunk_index::{DEFAULT_PARAMS, index_bytes};
+    use crate::oci::chunk_index::{DEFAULT_PARAMS, index_bytes};
 
     #[test]
     fn runs_coalesce_missing_and_contiguous_local_chunks() {
@@ -383,13 +358,13 @@ mod tests {
 
     #[test]
     fn what_gives_way_to_a_whole_pull() {
-        let mismatch = PullError::DigestMismatch { title: "t".into(), expected: "a".into(), actual: "b".into() };
+        let mismatch = TransferError::DigestMismatch { title: "t".into(), expected: "a".into(), actual: "b".into() };
         assert!(falls_back(&mismatch));
-        assert!(falls_back(&PullError::Io(std::io::Error::from(std::io::ErrorKind::NotFound))), "a source went");
-        let outage = PullError::Registry(OciError::Unreachable { reference: "r".into(), message: "m".into() });
+        assert!(falls_back(&TransferError::Io(std::io::Error::from(std::io::ErrorKind::NotFound))), "a source went");
+        let outage = TransferError::Registry(OciError::Unreachable { reference: "r".into(), message: "m".into() });
         assert!(!falls_back(&outage), "an outage keeps the rebuild for the retry");
-        assert!(!falls_back(&PullError::Cancelled));
-        assert!(!falls_back(&PullError::Io(std::io::Error::from_raw_os_error(libc::ENOSPC))));
+        assert!(!falls_back(&TransferError::Cancelled));
+        assert!(!falls_back(&TransferError::Io(std::io::Error::from_raw_os_error(libc::ENOSPC))));
         assert_eq!(hash_of(&"ab".repeat(32)), Some([0xab; 32]));
         assert_eq!(hash_of("abc"), None);
     }

@@ -161,7 +161,7 @@ mod tests {
     fn an_index_covers_the_file_and_resynchronizes_after_an_insertion() {
         let a = bytes(1, 2 << 20);
         let ia = index_bytes(&a, DEFAULT_PARAMS);
-        ia.validate(&crate::oci::push::sha256_digest(&a), a.len() as u64).unwrap();
+        ia.validate(&crate::oci::digest::sha256_digest(&a), a.len() as u64).unwrap();
         assert!(ia.chunks.iter().all(|c| c.0 <= MAX_CHUNK));
         let mut b = a.clone();
         b.splice(1_000_000..1_000_000, bytes(2, 1000));
@@ -177,7 +177,7 @@ mod tests {
     #[test]
     fn invalid_indexes_are_refused() {
         let a = bytes(3, 100_000);
-        let d = crate::oci::push::sha256_digest(&a);
+        let d = crate::oci::digest::sha256_digest(&a);
         let i = index_bytes(&a, DEFAULT_PARAMS);
         assert!(i.validate(&d, 99_999).is_err());
         assert!(i.validate("sha256:00", 100_000).is_err());

@@ -1,0 +1,408 @@
+//! The agent's decisions, pure: from what it knows — this node's ModelDeployments, the transfers
+//! running, the store's inventory, its limits, the clock — to the actions to carry out: status
+//! reports, transfers to start and to stop, a kept version to switch to, models to remove, the
+//! garbage-collection keep set, the Node's labels. No I/O here; [`super::run`] observes, calls
+//! [`decide`] and carries the actions out, and feeds finished transfers to [`on_finished`].
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kube::ResourceExt;
+
+use super::report::{Bytes, Report};
+use super::store::{ModelState, is_safe_component};
+use super::transfer::{PullPlan, TransferError};
+use crate::api::shared::NODE_MODEL_LABEL_PREFIX;
+use crate::api::{BlockerReason, DeploymentPhase, ModelDeployment, Priority};
+
+/// `namespace/name` of a ModelDeployment: how the agent keys what it remembers.
+pub fn key_of(md: &ModelDeployment) -> String {
+    format!("{}/{}", md.namespace().unwrap_or_default(), md.name_any())
+}
+
+/// The manifest digest of `<repository>@sha256:…`.
+pub fn artifact_digest(artifact: &str) -> Option<&str> {
+    artifact.rsplit_once('@').map(|(_, d)| d)
+}
+
+/// A version as a label value (63 characters of `[A-Za-z0-9._-]`, alphanumeric at both ends).
+pub fn label_value(version: &str) -> Option<String> {
+    let ok = !version.is_empty()
+        && version.len() <= 63
+        && version.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && version.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && version.ends_with(|c: char| c.is_ascii_alphanumeric());
+    ok.then(|| version.to_string())
+}
+
+/// What the agent remembers of one ModelDeployment between passes.
+#[derive(Clone, Debug, Default)]
+pub struct Tracked {
+    /// The artifact this memory is about; a new artifact starts afresh.
+    pub artifact: String,
+    /// The transfer's plan, once read (reused by retries; its layers are kept from collection).
+    pub plan: Option<PullPlan>,
+    /// Failed attempts in a row.
+    pub attempts: u32,
+    /// No new attempt before this.
+    pub not_before: Option<Instant>,
+    /// A failure only a new artifact fixes: (reason, message).
+    pub failed: Option<(BlockerReason, String)>,
+    /// Bytes of the last completed transfer.
+    pub last_bytes: Option<Bytes>,
+}
+
+/// The agent's memory: one [`Tracked`] per ModelDeployment it has seen (and still sees).
+pub type Memory = HashMap<String, Tracked>;
+
+/// A transfer running now.
+#[derive(Clone, Debug)]
+pub struct RunningTransfer {
+    /// The artifact it fetches.
+    pub artifact: String,
+    /// Its deployment's priority.
+    pub priority: Priority,
+    /// Already told to stop.
+    pub cancelled: bool,
+}
+
+/// Everything a pass decides from, observed just before.
+#[derive(Clone, Debug)]
+pub struct Known<'a> {
+    /// This node's name.
+    pub node: &'a str,
+    /// ModelDeployments from the cache (others' and deleted ones are ignored).
+    pub deployments: &'a [Arc<ModelDeployment>],
+    /// Transfers running, by deployment key.
+    pub running: &'a BTreeMap<String, RunningTransfer>,
+    /// Layer digests of the running transfers' plans.
+    pub running_layers: &'a HashSet<String>,
+    /// Per model on disk: its versions and the active one.
+    pub inventory: &'a BTreeMap<String, (ModelState, Option<String>)>,
+    /// Transfers allowed at once.
+    pub max_transfers: usize,
+    /// The Node's model labels as last applied (none yet: they are applied).
+    pub labels_applied: Option<&'a BTreeMap<String, String>>,
+    /// Now.
+    pub now: Instant,
+}
+
+/// Why a running transfer is stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// A waiting Critical transfer takes its slot (it resumes later from its partial).
+    Preempted {
+        /// The deployment that preempts it.
+        by: String,
+    },
+    /// Its deployment is gone, paused, or wants another artifact now.
+    NotWanted,
+}
+
+/// One thing to do, in the order given.
+#[derive(Clone, Debug)]
+pub enum Action {
+    /// Write this to the deployment's status (unless it already says exactly that).
+    Report(Arc<ModelDeployment>, Report),
+    /// Make the deployment's version, kept on disk, the active one: no bytes move.
+    SwitchToKept(Arc<ModelDeployment>),
+    /// Start the deployment's transfer.
+    Start(Arc<ModelDeployment>),
+    /// Stop a running transfer; its partial download stays.
+    Stop {
+        /// The deployment's key.
+        key: String,
+        /// Why.
+        why: StopReason,
+    },
+    /// Remove a model no deployment wants any more.
+    RemoveModel(String),
+    /// Remove blobs not in `keep`, and partial downloads when `partials`.
+    CollectGarbage {
+        /// Layer digests still needed.
+        keep: HashSet<String>,
+        /// Whether partial downloads may go too (only when whose they are is known).
+        partials: bool,
+    },
+    /// Set the Node's `models.peat.dev/<model>` labels to exactly these.
+    Label(BTreeMap<String, String>),
+}
+
+/// Where a deployment stands without a transfer.
+#[derive(Debug, PartialEq, Eq)]
+enum Settled {
+    /// Operational on its version.
+    Active,
+    /// Switching to a kept version (done by the action; the next pass sees it active).
+    Switching,
+    /// Needs bytes from the registry.
+    NeedsTransfer,
+    /// Paused, or waiting for its retry.
+    Waiting,
+    /// Failed in a way only a change of the deployment fixes.
+    Failed,
+}
+
+/// One pass: what to do now. Updates `memory` (new artifacts start afresh, failures found here
+/// are remembered, gone deployments are forgotten).
+pub fn decide(known: &Known<'_>, memory: &mut Memory) -> Vec<Action> {
+    let mut actions = Vec::new();
+    let mut mds: Vec<&Arc<ModelDeployment>> = known
+        .deployments
+        .iter()
+        .filter(|m| m.spec.node_name == known.node && m.metadata.deletion_timestamp.is_none())
+        .collect();
+    // The oldest deployment of a model holds it; another one for the same model waits (NodeBusy).
+    mds.sort_by(|a, b| (&a.metadata.creation_timestamp, key_of(a)).cmp(&(&b.metadata.creation_timestamp, key_of(b))));
+    let mut holders: BTreeMap<&str, &Arc<ModelDeployment>> = BTreeMap::new();
+    let mut wanted: Vec<&Arc<ModelDeployment>> = Vec::new();
+    let mut operational: BTreeMap<String, String> = BTreeMap::new();
+    // Deployments that still need bytes (running, queued, paused, retrying): their partials stay.
+    let mut unsettled: Vec<String> = Vec::new();
+    for md in &mds {
+        let key = key_of(md);
+        if let Some(holder) = holders.get(md.spec.model.as_str()) {
+            let msg = format!("{} already holds model {} on this node", key_of(holder), md.spec.model);
+            let report = Report::blocked(DeploymentPhase::Failed, BlockerReason::NodeBusy, msg);
+            actions.push(Action::Report((*md).clone(), report));
+            continue;
+        }
+        holders.insert(&md.spec.model, md);
+        let t = memory.entry(key.clone()).or_default();
+        if t.artifact != md.spec.artifact {
+            *t = Tracked { artifact: md.spec.artifact.clone(), ..Default::default() };
+        }
+        if let Some(r) = known.running.get(&key)
+            && !md.spec.paused
+        {
+            unsettled.push(key);
+            if r.artifact == md.spec.artifact {
+                wanted.push(md);
+            }
+            continue; // the transfer task reports
+        }
+        let (settled, report) = settle(md, t, known.inventory.get(&md.spec.model), known.now);
+        let failed = t.failed.is_some();
+        if let Some(report) = report {
+            actions.push(Action::Report((*md).clone(), report));
+        }
+        match settled {
+            Settled::Active => {
+                if let Some(v) = label_value(&md.spec.version) {
+                    operational.insert(format!("{NODE_MODEL_LABEL_PREFIX}{}", md.spec.model), v);
+                }
+            }
+            Settled::Switching => actions.push(Action::SwitchToKept((*md).clone())),
+            Settled::NeedsTransfer => {
+                unsettled.push(key);
+                wanted.push(md);
+            }
+            Settled::Waiting if !failed => unsettled.push(key),
+            Settled::Waiting => {}
+            Settled::Failed => {}
+        }
+    }
+    schedule(known, &wanted, &mut actions);
+    // Transfers of deployments that are gone, paused or satisfied stop (their partials stay).
+    let keep: HashSet<String> = mds.iter().filter(|m| !m.spec.paused).map(|m| key_of(m)).collect();
+    for (key, r) in known.running {
+        let still = keep.contains(key) && memory.get(key).is_some_and(|t| t.artifact == r.artifact);
+        if !still && !r.cancelled {
+            actions.push(Action::Stop { key: key.clone(), why: StopReason::NotWanted });
+        }
+    }
+    memory.retain(|k, _| mds.iter().any(|m| &key_of(m) == k));
+    // Garbage: models nobody holds; blobs outside every known plan and running transfer; partials
+    // only when the plan of every deployment that still needs bytes is known (else whose they are is not).
+    for model in known.inventory.keys().filter(|m| !holders.contains_key(m.as_str())) {
+        actions.push(Action::RemoveModel(model.clone()));
+    }
+    let mut keep: HashSet<String> = memory.values().filter_map(|t| t.plan.as_ref()).flat_map(|p| p.digests()).collect();
+    keep.extend(known.running_layers.iter().cloned());
+    let partials = unsettled.iter().all(|k| memory.get(k).is_some_and(|t| t.plan.is_some()));
+    actions.push(Action::CollectGarbage { keep, partials });
+    if known.labels_applied != Some(&operational) {
+        actions.push(Action::Label(operational));
+    }
+    actions
+}
+
+/// How far a deployment goes without a transfer: already active, a kept version to switch to,
+/// paused, failed for good, or waiting for its retry; with the report that says so.
+fn settle(
+    md: &ModelDeployment,
+    t: &mut Tracked,
+    on_disk: Option<&(ModelState, Option<String>)>,
+    now: Instant,
+) -> (Settled, Option<Report>) {
+    let spec = &md.spec;
+    let mut fail_for_good = |reason, message: String| {
+        t.failed = Some((reason, message.clone()));
+        (Settled::Failed, Some(Report::blocked(DeploymentPhase::Failed, reason, message)))
+    };
+    if !is_safe_component(&spec.model) || !is_safe_component(&spec.version) {
+        let msg = format!("model {:?} or version {:?} cannot name a directory", spec.model, spec.version);
+        return fail_for_good(BlockerReason::DeploymentFailed, msg);
+    }
+    let Some(digest) = artifact_digest(&spec.artifact) else {
+        let msg = format!("artifact {:?} is not referenced by digest", spec.artifact);
+        return fail_for_good(BlockerReason::TransferFailed, msg);
+    };
+    let kept = on_disk.and_then(|(state, _)| state.get(&spec.version)).filter(|v| v.digest == digest);
+    let current = on_disk.and_then(|(_, current)| current.as_deref());
+    if kept.is_some() && current == Some(spec.version.as_str()) {
+        return (Settled::Active, Some(Report { bytes: t.last_bytes, ..Report::phase(DeploymentPhase::Operational) }));
+    }
+    if spec.paused {
+        let phase = md.status.as_ref().map_or(DeploymentPhase::NotDeployed, |s| match s.phase {
+            DeploymentPhase::Downloading | DeploymentPhase::Loading => DeploymentPhase::Downloading,
+            _ => DeploymentPhase::NotDeployed,
+        });
+        let report = Report { message: Some("paused; resumes where it stopped".into()), ..Report::phase(phase) };
+        return (Settled::Waiting, Some(report));
+    }
+    if kept.is_some() {
+        return (Settled::Switching, None);
+    }
+    if let Some((reason, message)) = t.failed.clone() {
+        return (Settled::Failed, Some(Report::blocked(DeploymentPhase::Failed, reason, message)));
+    }
+    if t.not_before.is_some_and(|nb| now < nb) {
+        return (Settled::Waiting, None); // the failure's status stands until the retry
+    }
+    (Settled::NeedsTransfer, None)
+}
+
+/// Starts the most urgent wanted transfers within the limit; a waiting Critical one preempts the
+/// least urgent running non-Critical transfer; the rest report their place in the queue.
+fn schedule(known: &Known<'_>, wanted: &[&Arc<ModelDeployment>], actions: &mut Vec<Action>) {
+    let mut wanted: Vec<(Priority, String, &Arc<ModelDeployment>)> =
+        wanted.iter().map(|md| (md.spec.priority, key_of(md), *md)).collect();
+    wanted.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut running = known.running.len();
+    let mut stopping: HashSet<&str> =
+        known.running.iter().filter(|(_, r)| r.cancelled).map(|(k, _)| k.as_str()).collect();
+    let mut waiting = Vec::new();
+    for (priority, key, md) in wanted {
+        if known.running.contains_key(&key) {
+            continue;
+        }
+        if running < known.max_transfers {
+            actions.push(Action::Start(md.clone()));
+            running += 1;
+            continue;
+        }
+        if priority == Priority::Critical
+            && let Some((victim, _)) = known
+                .running
+                .iter()
+                .filter(|(k, r)| r.priority < Priority::Critical && !stopping.contains(k.as_str()))
+                .min_by_key(|(_, r)| r.priority)
+        {
+            stopping.insert(victim);
+            actions.push(Action::Stop { key: victim.clone(), why: StopReason::Preempted { by: key.clone() } });
+        }
+        waiting.push(md);
+    }
+    for (i, md) in waiting.into_iter().enumerate() {
+        let msg = format!("waiting for a transfer slot ({} ahead)", i + running);
+        actions.push(Action::Report(
+            md.clone(),
+            Report { message: Some(msg), ..Report::phase(DeploymentPhase::Downloading) },
+        ));
+    }
+}
+
+/// What became of a finished transfer.
+#[derive(Debug)]
+pub enum Verdict {
+    /// The deployment moved on to another artifact while it ran, or is gone.
+    Stale,
+    /// Active now.
+    Succeeded(Bytes),
+    /// Stopped on purpose (preempted, paused, not wanted); resumes when wanted again.
+    Cancelled,
+    /// Failed; tried again after `after`.
+    Retrying {
+        /// The error.
+        error: String,
+        /// Failed attempts in a row.
+        attempt: u32,
+        /// When to try again.
+        after: Duration,
+        /// What to report meanwhile.
+        report: Report,
+    },
+    /// Failed in a way only a new artifact fixes (reported by the next pass).
+    Failed {
+        /// The error.
+        error: String,
+    },
+}
+
+/// Records a finished transfer of `key` in `memory`: its plan, and success (attempts reset) or
+/// failure (retry with backoff, or failed for good). `present`: its deployment still exists.
+pub fn on_finished(
+    memory: &mut Memory,
+    key: &str,
+    artifact: &str,
+    plan: Option<PullPlan>,
+    result: Result<Bytes, TransferError>,
+    present: bool,
+    now: Instant,
+) -> Verdict {
+    let Some(t) = memory.get_mut(key).filter(|t| t.artifact == artifact) else { return Verdict::Stale };
+    if plan.is_some() {
+        t.plan = plan;
+    }
+    match result {
+        Ok(bytes) => {
+            t.attempts = 0;
+            t.not_before = None;
+            t.last_bytes = Some(bytes);
+            Verdict::Succeeded(bytes)
+        }
+        Err(TransferError::Cancelled) => Verdict::Cancelled,
+        Err(e) => {
+            t.attempts += 1;
+            if !present {
+                return Verdict::Stale;
+            }
+            match e.retry_after(t.attempts) {
+                Some(after) => {
+                    t.not_before = Some(now + after);
+                    let message = format!("attempt {} failed: {e}; retrying in {}s", t.attempts, after.as_secs());
+                    let phase =
+                        if e.is_failure(t.attempts) { DeploymentPhase::Failed } else { DeploymentPhase::Downloading };
+                    let report = Report::blocked(phase, e.reason(), message);
+                    Verdict::Retrying { error: e.to_string(), attempt: t.attempts, after, report }
+                }
+                None => {
+                    t.failed = Some((e.reason(), e.to_string()));
+                    Verdict::Failed { error: e.to_string() }
+                }
+            }
+        }
+    }
+}
+
+/// Records the outcome of switching `key` to a kept version of `total` bytes: active with nothing
+/// fetched, or failed for good. Returns the report to write.
+pub fn on_switched(memory: &mut Memory, key: &str, version: &str, total: u64, result: Result<(), String>) -> Report {
+    let t = memory.entry(key.to_string()).or_default();
+    match result {
+        Ok(()) => {
+            t.last_bytes = Some(Bytes { fetched: 0, reused: total, total });
+            Report { bytes: t.last_bytes, ..Report::phase(DeploymentPhase::Operational) }
+        }
+        Err(e) => {
+            let message = format!("activating kept version {version}: {e}");
+            t.failed = Some((BlockerReason::DeploymentFailed, message.clone()));
+            Report::blocked(DeploymentPhase::Failed, BlockerReason::DeploymentFailed, message)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
