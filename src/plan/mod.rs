@@ -1,6 +1,8 @@
 //! Pure planning logic: no client, no clock reads. resolve → target → select → plan → status.
 
+pub mod abort;
 pub mod convergence;
+pub mod rivals;
 pub mod scope;
 pub mod status;
 pub mod strategy;

@@ -95,6 +95,22 @@ pub fn select_targets(scope: &ScopeSpec, nodes: &[NodeFacts]) -> Result<Vec<Stri
     Ok(selected)
 }
 
+/// A rollout's targets: the nodes its scope selects, plus — when `capable.minStorage` admits
+/// nodes — the ones it `holds` (has a deployment on) that now lack only the storage: the model
+/// uses that storage, and without this they would flap out and back in with every install.
+pub fn rollout_targets(
+    scope: &ScopeSpec,
+    nodes: &[NodeFacts],
+    holds: &BTreeSet<&str>,
+) -> Result<Vec<String>, ScopeError> {
+    let targets = select_targets(scope, nodes)?;
+    let Some(capable) = scope.capable.as_ref().filter(|c| c.min_storage.is_some()) else { return Ok(targets) };
+    let relaxed = ScopeSpec { capable: Some(CapableScope { min_storage: None, ..capable.clone() }), ..scope.clone() };
+    let mut all: BTreeSet<String> = targets.into_iter().collect();
+    all.extend(select_targets(&relaxed, nodes)?.into_iter().filter(|n| holds.contains(n.as_str())));
+    Ok(all.into_iter().collect())
+}
+
 /// Whether a label set satisfies a selector (Kubernetes label-selector semantics: every
 /// matchLabels entry and every requirement must hold; an empty selector matches everything).
 pub fn selector_matches(selector: &NodeSelector, labels: &BTreeMap<String, String>) -> bool {
@@ -304,5 +320,22 @@ mod tests {
         assert_eq!(select_targets(&scope(), &fleet()), Err(ScopeError::NotExactlyOne));
         let two = ScopeSpec { all: Some(AllNodes {}), formation: Some("alpha".into()), ..scope() };
         assert_eq!(select_targets(&two, &fleet()), Err(ScopeError::NotExactlyOne));
+    }
+
+    #[test]
+    fn a_held_node_short_of_storage_only_stays_a_target() {
+        let s = capable(None, None, Some("500Mi"));
+        let held = BTreeSet::from(["jetson-2", "gateway"]);
+        // jetson-2 lacks the storage now (it holds the model); others lacking it are not added.
+        assert_eq!(rollout_targets(&s, &fleet(), &held).unwrap(), ["gateway", "gpu-server", "jetson-1", "jetson-2"]);
+        assert_eq!(rollout_targets(&s, &fleet(), &BTreeSet::new()).unwrap(), ["gateway", "gpu-server", "jetson-1"]);
+        let arm = capable(None, Some("arm64"), Some("500Mi"));
+        assert_eq!(
+            rollout_targets(&arm, &fleet(), &held).unwrap(),
+            ["jetson-1", "jetson-2"],
+            "other criteria still hold"
+        );
+        let all = ScopeSpec { all: Some(AllNodes {}), ..scope() };
+        assert_eq!(rollout_targets(&all, &fleet(), &held).unwrap(), select_targets(&all, &fleet()).unwrap());
     }
 }

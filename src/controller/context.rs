@@ -1,0 +1,88 @@
+//! What every reconcile shares: the client, the four caches, the resolver, metrics, rates.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::events::Recorder;
+use kube::runtime::reflector::Store;
+use kube::{Client, ResourceExt};
+
+use super::{metrics, resolve};
+use crate::api::{ModelDeployment, ModelNode, ModelRollout};
+use crate::plan::convergence::{ThroughputSample, throughput};
+use crate::plan::scope::NodeFacts;
+
+/// Transfer-rate samples per rollout (uid), for the ETA.
+#[derive(Default)]
+pub(crate) struct RateTracker {
+    samples: Mutex<HashMap<String, (crate::plan::convergence::ThroughputSample, Option<f64>)>>,
+}
+
+impl RateTracker {
+    /// Records `bytes` done at `now`; returns the smoothed rate.
+    pub(crate) fn observe(&self, uid: &str, bytes: u64, now: Timestamp) -> Option<f64> {
+        let sample = ThroughputSample { at: now, bytes };
+        let mut map = self.samples.lock().expect("rate lock");
+        match map.get(uid).copied() {
+            None => {
+                map.insert(uid.to_string(), (sample, None));
+                None
+            }
+            Some((prev, rate)) if prev.bytes == bytes => rate,
+            Some((prev, rate)) => {
+                let new = throughput(prev, sample);
+                // Exponential smoothing: one slow sample does not swing the ETA.
+                let smoothed = match (rate, new) {
+                    (Some(r), Some(n)) => Some(0.7 * r + 0.3 * n),
+                    (r, n) => n.or(r),
+                };
+                map.insert(uid.to_string(), (sample, smoothed));
+                smoothed
+            }
+        }
+    }
+
+    pub(crate) fn forget(&self, uid: &str) {
+        self.samples.lock().expect("rate lock").remove(uid);
+    }
+}
+
+/// Shared state of the reconciler.
+pub struct Context {
+    pub(crate) client: Client,
+    pub(crate) rollouts: Store<ModelRollout>,
+    pub(crate) deployments: Store<ModelDeployment>,
+    pub(crate) model_nodes: Store<ModelNode>,
+    pub(crate) nodes: Store<Node>,
+    pub(crate) recorder: Recorder,
+    pub(crate) metrics: metrics::Metrics,
+    pub(crate) resolver: resolve::Resolver,
+    pub(crate) rates: RateTracker,
+    pub(crate) failures: Mutex<HashMap<String, u32>>,
+    pub(crate) heartbeat_timeout: Duration,
+}
+
+impl Context {
+    /// Everything known of every node: Node labels joined with ModelNode status.
+    pub(crate) fn node_facts(&self) -> BTreeMap<String, NodeFacts> {
+        let mut out: BTreeMap<String, NodeFacts> = BTreeMap::new();
+        for n in self.nodes.state() {
+            let name = n.name_any();
+            out.insert(name.clone(), NodeFacts { name, labels: n.labels().clone(), capabilities: None });
+        }
+        for mn in self.model_nodes.state() {
+            let name = mn.name_any();
+            let e = out.entry(name.clone()).or_insert_with(|| NodeFacts { name, ..Default::default() });
+            e.capabilities = Some(mn.status.clone().unwrap_or_default());
+        }
+        out
+    }
+}
+
+/// `namespace/name` of a rollout, for logs and claims.
+pub(crate) fn key(r: &ModelRollout) -> String {
+    format!("{}/{}", r.namespace().unwrap_or_default(), r.name_any())
+}

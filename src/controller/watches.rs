@@ -1,0 +1,220 @@
+//! The four watches: each keeps a cache (reflector store) for the whole life of the process and
+//! broadcasts the rollouts its events concern. Every replica keeps them warm, leader or not.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::Api;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::watcher::{self, Event as WatchEvent};
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::broadcast;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::api::{ModelDeployment, ModelNode, ModelRollout, ModelRolloutSpec};
+
+/// The rollouts to reconcile, from any watch.
+pub(crate) type Triggers = broadcast::Sender<ObjectRef<ModelRollout>>;
+
+/// The caches the reconciler reads.
+#[derive(Clone)]
+pub(crate) struct Caches {
+    pub(crate) rollouts: Store<ModelRollout>,
+    pub(crate) deployments: Store<ModelDeployment>,
+    pub(crate) model_nodes: Store<ModelNode>,
+    pub(crate) nodes: Store<Node>,
+}
+
+/// Starts the four watches on `tasks`; their events go to `triggers`.
+pub(crate) fn start(
+    client: &Client,
+    heartbeat_timeout: Duration,
+    triggers: &Triggers,
+    tasks: &mut JoinSet<()>,
+) -> Caches {
+    let rollouts = watch(client, |_| {}, |_| None, |r: &ModelRollout| vec![ObjectRef::from_obj(r)], triggers, tasks);
+    let of_model = rollouts.clone();
+    // A deployment concerns every rollout of its model: its owner, and rivals waiting for the node.
+    let deployments = watch(
+        client,
+        |_| {},
+        |_| None,
+        move |md: &ModelDeployment| concerned(&of_model, |r| r.spec.model == md.spec.model),
+        triggers,
+        tasks,
+    );
+    let of_node = rollouts.clone();
+    // Heartbeats alone do not trigger (staleness is rechecked on a timer); capability changes do.
+    let model_nodes = watch(
+        client,
+        |_| {},
+        model_node_fingerprint(heartbeat_timeout),
+        move |mn: &ModelNode| concerned(&of_node, |r| scope_may_include(&r.spec, &mn.name_any())),
+        triggers,
+        tasks,
+    );
+    let of_labels = rollouts.clone();
+    // Nodes matter for their labels only (kubelets update Node status constantly): the rest is
+    // dropped before caching, and only label changes trigger.
+    let nodes = watch(
+        client,
+        |n: &mut Node| {
+            n.status = None;
+            n.spec = None;
+            n.managed_fields_mut().clear();
+        },
+        |n: &Node| kube::runtime::predicates::labels(n),
+        move |n: &Node| {
+            concerned(&of_labels, |r| r.spec.scope.capable.is_none() && scope_may_include(&r.spec, &n.name_any()))
+        },
+        triggers,
+        tasks,
+    );
+    Caches { rollouts, deployments, model_nodes, nodes }
+}
+
+/// Ready once every watch has its initial list: sets `ready` (for /readyz) and the returned signal.
+/// One waiter per store: a store's readiness wakes only the waiter that polled it last
+/// (kube-runtime's DelayedInit holds one oneshot waker), so everything else waits on this signal.
+pub(crate) fn readiness(caches: &Caches, ready: Arc<AtomicBool>) -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let c = caches.clone();
+    tokio::spawn(async move {
+        for store_ready in [
+            c.rollouts.wait_until_ready().await,
+            c.deployments.wait_until_ready().await,
+            c.model_nodes.wait_until_ready().await,
+            c.nodes.wait_until_ready().await,
+        ] {
+            if store_ready.is_err() {
+                return; // a reflector ended: stay unready
+            }
+        }
+        ready.store(true, Ordering::Release);
+        let _ = tx.send(true);
+        info!("initial lists complete: ready");
+    });
+    rx
+}
+
+/// One watch of every `K` in the cluster: `modify` trims objects before they are cached,
+/// `fingerprint` filters updates (see [`forward_changes`]), `concerns` maps an object to rollouts.
+fn watch<K>(
+    client: &Client,
+    modify: impl FnMut(&mut K) + Send + 'static,
+    fingerprint: impl Fn(&K) -> Option<u64> + Send + 'static,
+    concerns: impl Fn(&K) -> Vec<ObjectRef<ModelRollout>> + Send + 'static,
+    triggers: &Triggers,
+    tasks: &mut JoinSet<()>,
+) -> Store<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+{
+    let (store, writer) = reflector::store();
+    let stream = watcher::watcher(Api::<K>::all(client.clone()), watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(modify)
+        .reflect(writer);
+    tasks.spawn(forward_changes(
+        stream,
+        fingerprint,
+        concerns,
+        triggers.clone(),
+        K::kind(&K::DynamicType::default()).to_string(),
+    ));
+    store
+}
+
+fn concerned(rollouts: &Store<ModelRollout>, pred: impl Fn(&ModelRollout) -> bool) -> Vec<ObjectRef<ModelRollout>> {
+    rollouts.state().iter().filter(|r| pred(r)).map(|r| ObjectRef::from_obj(&**r)).collect()
+}
+
+/// Whether a rollout's scope depends on Node labels or ModelNode facts of nodes it does not name.
+fn scope_may_include(spec: &ModelRolloutSpec, node: &str) -> bool {
+    match &spec.scope.nodes {
+        Some(names) => names.iter().any(|n| n == node),
+        None => true,
+    }
+}
+
+/// Fingerprint of what planning reads from a ModelNode. Heartbeats alone do not change it, except
+/// the first heartbeat after a silence longer than the timeout: a node back from a partition must
+/// be re-planned at once (its going silent is caught by the reconciler's recheck timer).
+fn model_node_fingerprint(timeout: Duration) -> impl Fn(&ModelNode) -> Option<u64> {
+    let revivals: Mutex<HashMap<String, (Option<Timestamp>, u64)>> = Mutex::new(HashMap::new());
+    move |mn: &ModelNode| {
+        use std::hash::{Hash, Hasher};
+        let s = mn.status.clone().unwrap_or_default();
+        let hb = s.last_heartbeat.as_ref().map(|t| t.0);
+        let mut seen = revivals.lock().expect("fingerprint lock");
+        let entry = seen.entry(mn.name_any()).or_insert((None, 0));
+        let silent_before = match (entry.0, hb) {
+            (Some(prev), Some(now)) => now.as_millisecond() - prev.as_millisecond() > timeout.as_millis() as i64,
+            (None, Some(_)) => true,
+            _ => false,
+        };
+        if silent_before {
+            entry.1 += 1;
+        }
+        if hb.is_some() {
+            entry.0 = hb;
+        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (s.arch, s.gpus, s.gpu_memory_bytes, s.providers, s.storage_free_bytes / (64 << 20), entry.1).hash(&mut h);
+        Some(h.finish())
+    }
+}
+
+/// Drives a reflector stream and broadcasts the rollouts each event concerns. When `fingerprint`
+/// gives a value, an update whose fingerprint did not change is not forwarded (a heartbeat, a
+/// kubelet status update); deletions always are.
+async fn forward_changes<K, S>(
+    stream: S,
+    fingerprint: impl Fn(&K) -> Option<u64>,
+    map: impl Fn(&K) -> Vec<ObjectRef<ModelRollout>>,
+    tx: broadcast::Sender<ObjectRef<ModelRollout>>,
+    kind: String,
+) where
+    K: kube::Resource,
+    S: futures::Stream<Item = Result<WatchEvent<K>, watcher::Error>>,
+{
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    let mut stream = std::pin::pin!(stream);
+    while let Some(ev) = stream.next().await {
+        let (obj, deleted) = match ev {
+            Ok(WatchEvent::Apply(o) | WatchEvent::InitApply(o)) => (o, false),
+            Ok(WatchEvent::Delete(o)) => (o, true),
+            Ok(_) => continue,
+            Err(e) => {
+                warn!(%kind, error = %e, "watch error (retrying with backoff)");
+                continue;
+            }
+        };
+        let id = format!(
+            "{}/{}",
+            obj.meta().namespace.clone().unwrap_or_default(),
+            obj.meta().name.clone().unwrap_or_default()
+        );
+        if deleted {
+            seen.remove(&id);
+        } else if let Some(fp) = fingerprint(&obj)
+            && seen.insert(id, fp) == Some(fp)
+        {
+            continue;
+        }
+        for r in map(&obj) {
+            let _ = tx.send(r);
+        }
+    }
+}

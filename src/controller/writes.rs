@@ -1,0 +1,168 @@
+//! Every write the controller makes: ModelDeployments (server-side apply, a few at a time),
+//! deletions that tolerate "already gone", the rollout's status (one path) and Events.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+
+use futures::{StreamExt, TryStreamExt};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use tracing::warn;
+
+use super::context::Context;
+use crate::api::shared::{LABEL_MODEL, LABEL_NODE, LABEL_VERSION};
+use crate::api::{ModelDeployment, ModelDeploymentSpec, ModelRollout, ModelRolloutStatus};
+use crate::plan::strategy::{Plan, controller_uid};
+
+/// Field manager of every write the controller makes (server-side apply).
+pub const FIELD_MANAGER: &str = "peat-controller";
+
+/// ModelDeployment writes in flight at once within one reconcile: one round trip each, bounded
+/// so a big fleet does not flood the API server (its priority-and-fairness limits apply as well).
+const WRITE_CONCURRENCY: usize = 16;
+
+/// Deletes `name`; `Ok(false)` when it was already gone.
+pub(crate) async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<bool, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// The one way a rollout's status is written: the whole status, server-side applied by
+/// [`FIELD_MANAGER`], and only when it differs from what was last written or read. Writing the
+/// whole status each time means a field the controller stops setting is removed, not left behind.
+pub(crate) struct StatusWriter<'a> {
+    rollout: &'a ModelRollout,
+    current: Option<ModelRolloutStatus>,
+}
+
+impl<'a> StatusWriter<'a> {
+    pub(crate) fn new(rollout: &'a ModelRollout) -> Self {
+        StatusWriter { rollout, current: rollout.status.clone() }
+    }
+
+    /// The status as last written (or read, before any write).
+    pub(crate) fn current(&self) -> ModelRolloutStatus {
+        self.current.clone().unwrap_or_default()
+    }
+
+    pub(crate) async fn write(&mut self, ctx: &Context, status: ModelRolloutStatus) -> Result<(), kube::Error> {
+        if self.current.as_ref() == Some(&status) {
+            return Ok(()); // nothing changed: no write
+        }
+        let r = self.rollout;
+        let api: Api<ModelRollout> = Api::namespaced(ctx.client.clone(), &r.namespace().unwrap_or_default());
+        let patch = json!({"apiVersion": "peat.dev/v1alpha1", "kind": "ModelRollout", "status": status});
+        api.patch_status(&r.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+        ctx.metrics.status_writes.inc();
+        self.current = Some(status);
+        Ok(())
+    }
+}
+
+/// Publishes an Event on the rollout (failures are logged, never fatal).
+pub(crate) async fn publish(ctx: &Context, r: &ModelRollout, type_: EventType, reason: &str, mut note: String) {
+    // The API server refuses event messages over 1024 bytes.
+    if note.len() > 1000 {
+        let mut cut = 1000;
+        while !note.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        note.truncate(cut);
+        note.push('…');
+    }
+    let ev = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
+    if let Err(e) = ctx.recorder.publish(&ev, &r.object_ref(&())).await {
+        warn!(error = %e, "publishing an event");
+    }
+}
+
+/// Makes the rollout's ModelDeployments what `plan` says: applies those that differ from
+/// `deployments` (the cache), then deletes those the plan drops.
+pub(crate) async fn apply_plan(
+    ctx: &Context,
+    r: &ModelRollout,
+    plan: &Plan,
+    deployments: &[ModelDeployment],
+) -> Result<(), kube::Error> {
+    let ns = r.namespace().unwrap_or_default();
+    let uid = r.uid().unwrap_or_default();
+    let api: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let owner = r.controller_owner_ref(&()).expect("a stored rollout has a uid");
+    let existing: BTreeMap<String, &ModelDeployment> = deployments
+        .iter()
+        .filter(|md| md.namespace().as_deref() == Some(ns.as_str()))
+        .map(|md| (md.name_any(), md))
+        .collect();
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    // Collected first: a lazy iterator of borrowing closures trips the Send bound of the controller.
+    let applies: Vec<_> = plan
+        .apply
+        .iter()
+        .filter_map(|desired| {
+            let name = ModelDeployment::name_for(&desired.model, &desired.node_name);
+            if existing.get(&name).is_some_and(|md| same_deployment(md, desired, &uid)) {
+                return None;
+            }
+            let obj = deployment_object(&name, &ns, &owner, desired);
+            let (api, pp) = (api.clone(), pp.clone());
+            Some(async move {
+                api.patch(&name, &pp, &Patch::Apply(&obj)).await?;
+                ctx.metrics.deployment_writes.inc();
+                Ok::<(), kube::Error>(())
+            })
+        })
+        .collect();
+    futures::stream::iter(applies).buffer_unordered(WRITE_CONCURRENCY).try_collect::<Vec<()>>().await?;
+    let deletes: Vec<_> = plan
+        .delete
+        .iter()
+        .map(|name| {
+            let api = api.clone();
+            async move {
+                if delete_if_present(&api, name).await? {
+                    ctx.metrics.deployment_writes.inc();
+                }
+                Ok::<(), kube::Error>(())
+            }
+        })
+        .collect();
+    futures::stream::iter(deletes).buffer_unordered(WRITE_CONCURRENCY).try_collect::<Vec<()>>().await?;
+    Ok(())
+}
+
+fn deployment_object(
+    name: &str,
+    ns: &str,
+    owner: &k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
+    desired: &ModelDeploymentSpec,
+) -> serde_json::Value {
+    let mut labels = serde_json::Map::new();
+    labels.insert(LABEL_MODEL.into(), json!(desired.model));
+    labels.insert(LABEL_VERSION.into(), json!(desired.version));
+    // Label values are at most 63 characters; longer node names go without the label.
+    if desired.node_name.len() <= 63 {
+        labels.insert(LABEL_NODE.into(), json!(desired.node_name));
+    }
+    json!({
+        "apiVersion": "peat.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name, "namespace": ns, "labels": labels, "ownerReferences": [owner]},
+        "spec": desired,
+    })
+}
+
+fn same_deployment(existing: &ModelDeployment, spec: &ModelDeploymentSpec, owner_uid: &str) -> bool {
+    existing.spec == *spec
+        && controller_uid(existing) == Some(owner_uid)
+        && existing.labels().get(LABEL_VERSION) == Some(&spec.version)
+        && existing.labels().get(LABEL_MODEL) == Some(&spec.model)
+}
