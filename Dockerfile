@@ -7,6 +7,8 @@ COPY Cargo.toml Cargo.lock rustfmt.toml ./
 COPY src ./src
 COPY benches ./benches
 COPY tests ./tests
+# A workspace member (the dev-only test environment): cargo needs its manifest to read the workspace.
+COPY testenv ./testenv
 RUN cargo build --release --locked --bin peat
 
 FROM debian:bookworm-slim

@@ -9,7 +9,7 @@ ENV_DIR := target/peat-env
 
 ## test: everything CI runs — lint, unit tests, CRD drift check, integration tests on the real environment
 test: lint testenv-bins test-tools
-	$(CARGO) test --lib --bins --tests --no-fail-fast
+	$(CARGO) test --workspace --lib --bins --tests --no-fail-fast
 	$(MAKE) --no-print-directory check-orphans
 
 ## test-tools: Debian's lua5.1, for the Argo CD health check's tests
@@ -19,12 +19,12 @@ test-tools:
 ## lint: rustfmt, clippy with -D warnings, and helm lint of the chart (the pinned helm)
 lint: toolchain
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	@eval "$$(bash scripts/testenv-build.sh helm)"; "$$HELM" lint charts/peat-operator --kube-version 1.37.2 --strict
 
-## unit: the pure tests only (no environment needed)
+## unit: the pure tests only (no environment needed): plan/, the agent core (agent::decide), the transfer steps, …
 unit:
-	$(CARGO) test --lib
+	$(CARGO) test --workspace --lib
 
 ## crds: regenerate crds/ from the Rust types
 crds:
@@ -34,11 +34,11 @@ crds:
 
 ## env: start etcd + kube-apiserver + kube-controller-manager + registry in the background
 env: testenv-bins
-	$(CARGO) run --quiet --bin peat-testenv -- --dir $(ENV_DIR) up
+	$(CARGO) run --quiet -p peat-testenv -- --dir $(ENV_DIR) up
 
 ## env-down: stop the environment and remove its state
 env-down:
-	$(CARGO) run --quiet --bin peat-testenv -- --dir $(ENV_DIR) down
+	$(CARGO) run --quiet -p peat-testenv -- --dir $(ENV_DIR) down
 
 ## install: peat and kubectl-peat into $(PREFIX)/bin
 install:
@@ -64,7 +64,7 @@ check-orphans:
 
 ## demo: the main job end to end on a private local environment: push, three nodes, roll out, upgrade by delta, roll back, summary
 demo: testenv-bins
-	$(CARGO) build --quiet --bin peat --bin peat-testenv
+	$(CARGO) build --quiet --workspace --bins
 	target/debug/peat-testenv demo
 
 ## bench: the benchmarks, each printing its figures as ratios against a baseline measured in the same run

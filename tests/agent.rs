@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams};
 use peat::api::{BlockerReason, DeploymentPhase, ModelDeployment, ModelNode, ModelRollout, RolloutPhase};
 use peat::oci::push::VariantMeta;
-use peat::testenv::Registry;
+use peat_testenv::Registry;
 use serde_json::json;
 use support::{AgentProc, CountingProxy, create_node, pseudo_random, push_files, start_agent};
 use tokio::sync::OnceCell;

@@ -13,7 +13,7 @@ fn root() -> PathBuf {
 
 fn helm(args: &[&str]) -> (bool, String) {
     static HELM: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    let helm = HELM.get_or_init(|| peat::testenv::Binaries::ensure(&root()).unwrap_or_else(|e| panic!("{e}")).helm);
+    let helm = HELM.get_or_init(|| peat_testenv::Binaries::ensure(&root()).unwrap_or_else(|e| panic!("{e}")).helm);
     let out = Command::new(helm).args(args).current_dir(root()).output().expect("running helm");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.success(), text)

@@ -11,7 +11,7 @@ use kube::api::{Api, Patch, PatchParams};
 use peat::api::{ModelDeployment, ModelRollout, RolloutPhase};
 use peat::oci::chunk_index::{DEFAULT_PARAMS, MAX_CHUNK, index_bytes};
 use peat::oci::push::VariantMeta;
-use peat::testenv::Registry;
+use peat_testenv::Registry;
 use serde_json::json;
 use support::{AgentProc, CountingProxy, create_node, pseudo_random, push_files, start_agent};
 use tokio::sync::OnceCell;

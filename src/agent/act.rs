@@ -12,12 +12,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::Agent;
+use super::context::Agent;
 use super::decide::{
-    Action, Known, Memory, RunningTransfer, StopReason, Verdict, decide, key_of, on_finished, on_switched,
+    Action, Bytes, Known, Memory, Report, RunningTransfer, StopReason, Verdict, decide, key_of, on_finished,
+    on_switched,
 };
 use super::metrics::ResultLabels;
-use super::report::{Bytes, Report, apply_node_labels, write_status};
+use super::report::{apply_node_labels, write_status};
 use super::store::VersionRecord;
 use super::transfer::{self, Progress, PullPlan, Transfer, TransferError};
 use crate::api::{DeploymentPhase, ModelDeployment, Priority};

@@ -10,11 +10,46 @@ use std::time::{Duration, Instant};
 
 use kube::ResourceExt;
 
-use super::report::{Bytes, Report};
 use super::store::{ModelState, is_safe_component};
 use super::transfer::{PullPlan, TransferError};
 use crate::api::shared::NODE_MODEL_LABEL_PREFIX;
 use crate::api::{BlockerReason, DeploymentPhase, ModelDeployment, Priority};
+
+/// Bytes of one transfer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bytes {
+    /// Received from the registry.
+    pub fetched: u64,
+    /// Taken from the store instead of the wire.
+    pub reused: u64,
+    /// Of the whole variant.
+    pub total: u64,
+}
+
+/// What the agent reports in a ModelDeployment's status (compared with what is there before writing).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Report {
+    /// The phase.
+    pub phase: DeploymentPhase,
+    /// A blocker reason, when not progressing.
+    pub reason: Option<BlockerReason>,
+    /// For a person.
+    pub message: Option<String>,
+    /// Bytes, when known.
+    pub bytes: Option<Bytes>,
+}
+
+impl Report {
+    /// Just a phase.
+    pub fn phase(phase: DeploymentPhase) -> Report {
+        Report { phase, reason: None, message: None, bytes: None }
+    }
+
+    /// A phase with a blocker.
+    pub fn blocked(phase: DeploymentPhase, reason: BlockerReason, message: String) -> Report {
+        Report { phase, reason: Some(reason), message: Some(message), bytes: None }
+    }
+}
 
 /// `namespace/name` of a ModelDeployment: how the agent keys what it remembers.
 pub fn key_of(md: &ModelDeployment) -> String {

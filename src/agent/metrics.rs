@@ -8,21 +8,26 @@ use prometheus_client::registry::Registry;
 
 /// Transfer outcome label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub(crate) struct ResultLabels {
+pub struct ResultLabels {
     /// `succeeded`, `failed`, `retrying` or `cancelled`.
-    pub(crate) result: &'static str,
+    pub result: &'static str,
 }
 
 /// The agent's metrics.
-pub(crate) struct Metrics {
-    pub(crate) fetched: Counter,
-    pub(crate) reused: Counter,
-    pub(crate) transfers: Family<ResultLabels, Counter>,
-    pub(crate) active: Gauge,
+pub struct Metrics {
+    /// `peat_agent_bytes_fetched`: bytes received from registries.
+    pub fetched: Counter,
+    /// `peat_agent_bytes_reused`: bytes taken from the store instead of the wire.
+    pub reused: Counter,
+    /// `peat_agent_transfers`: finished transfers by result.
+    pub transfers: Family<ResultLabels, Counter>,
+    /// `peat_agent_transfers_active`: transfers running now.
+    pub active: Gauge,
 }
 
 impl Metrics {
-    pub(crate) fn new(registry: &mut Registry) -> Metrics {
+    /// Registers every metric of the agent in `registry`.
+    pub fn new(registry: &mut Registry) -> Metrics {
         let m = Metrics {
             fetched: Counter::default(),
             reused: Counter::default(),

@@ -9,114 +9,39 @@
 
 mod act;
 pub mod capabilities;
+mod context;
 pub mod decide;
-pub(crate) mod metrics;
+pub mod metrics;
+mod node;
+pub mod options;
 mod report;
 pub mod store;
 pub mod transfer;
 
-use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
-use std::path::PathBuf;
+pub use context::FIELD_MANAGER;
+pub use options::Options;
+
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use futures::StreamExt;
+use kube::Client;
 use kube::api::Api;
 use kube::runtime::reflector;
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, ResourceExt};
-use oci_client::secrets::RegistryAuth;
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::admin::{self, Admin};
 use crate::api::ModelDeployment;
-use crate::oci::client::{Clients, auth_from_secret, parse_reference};
-use crate::telemetry::LogFormat;
-use crate::units::{parse_duration, parse_quantity};
+use crate::oci::client::Clients;
 use act::Wake;
-use capabilities::{Capabilities, Overrides};
+use context::Agent;
 use metrics::Metrics;
 use store::Store;
-use transfer::{RateLimiter, Source, TransferError};
-
-/// Field manager of everything the agent writes.
-pub const FIELD_MANAGER: &str = "peat-agent";
-
-/// Options of `peat agent`.
-#[derive(Clone, Debug, clap::Args)]
-pub struct Options {
-    /// This node's name (the Downward API's `spec.nodeName` in the chart).
-    #[arg(long, env = "NODE_NAME")]
-    pub node_name: String,
-    /// The store directory (a hostPath in the chart).
-    #[arg(long, default_value = "/var/lib/peat", env = "PEAT_STORE")]
-    pub store: PathBuf,
-    /// Address of /livez, /readyz and /metrics.
-    #[arg(long, default_value = "0.0.0.0:8081", env = "PEAT_METRICS_ADDR")]
-    pub metrics_addr: SocketAddr,
-    /// How often the ModelNode heartbeat (capabilities, storage, inventory) is written.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    pub heartbeat_interval: Duration,
-    /// Least time between two progress writes of one transfer.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
-    pub progress_interval: Duration,
-    /// Transfers running at once; more wait, highest priority first.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
-    pub max_concurrent_pulls: u16,
-    /// Versions kept on disk besides the active one, so rolling back to them moves no bytes.
-    #[arg(long, default_value_t = 2)]
-    pub keep_versions: usize,
-    /// Cap on download bandwidth, bytes per second for all transfers together (`10Mi`).
-    #[arg(long, value_parser = parse_quantity)]
-    pub max_bandwidth: Option<u64>,
-    /// Most bytes the store may occupy on its filesystem (`20Gi`); reported as the node's storage.
-    #[arg(long, value_parser = parse_quantity)]
-    pub storage_capacity: Option<u64>,
-    /// Capability overrides.
-    #[command(flatten)]
-    pub capabilities: Overrides,
-    /// Log format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "PEAT_LOG_FORMAT")]
-    pub log_format: LogFormat,
-}
-
-/// Shared by the loop and the transfer tasks.
-pub(crate) struct Agent {
-    client: Client,
-    opts: Options,
-    store: Store,
-    /// What the ModelNode reports; changes when the Node's capability annotations do.
-    caps: Mutex<Capabilities>,
-    limiter: Option<RateLimiter>,
-    metrics: Metrics,
-    /// Registry clients by registry and credentials.
-    clients: Clients,
-    /// Layers being downloaded (one writer per digest).
-    in_flight: transfer::InFlight,
-    /// Layer digests of each running transfer's plan: garbage collection keeps them.
-    pinned: Mutex<HashMap<String, HashSet<String>>>,
-    /// Serializes changes of the store's model directories (activation, pruning, collection).
-    store_lock: tokio::sync::Mutex<()>,
-    /// Wakes the heartbeat early (the inventory changed).
-    inventory_changed: tokio::sync::Notify,
-}
-
-impl Agent {
-    async fn source_for(&self, md: &ModelDeployment) -> Result<Source, TransferError> {
-        let r = parse_reference(&md.spec.artifact)?;
-        let registry = r.resolve_registry().to_string();
-        let auth = match &md.spec.pull_secret {
-            Some(name) => auth_from_secret(&self.client, &md.namespace().unwrap_or_default(), name, &registry).await?,
-            None => RegistryAuth::Anonymous,
-        };
-        let client = self.clients.get(&registry, md.spec.insecure, &auth);
-        Ok(Source { client, auth })
-    }
-}
+use transfer::RateLimiter;
 
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(opts: Options) -> anyhow::Result<()> {
@@ -124,8 +49,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let client = Client::try_default().await?;
     let store =
         Store::open(&opts.store).map_err(|e| anyhow::anyhow!("opening the store {}: {e}", opts.store.display()))?;
-    let annotations = capabilities::read_capability_annotations(&client, &opts.node_name).await;
-    let caps = capabilities::detect_capabilities(&opts, &annotations.clone().unwrap_or_default()).await;
+    let annotations = node::read_capability_annotations(&client, &opts.node_name).await;
+    let caps = node::detect_capabilities(&opts, &annotations.clone().unwrap_or_default()).await;
     info!(node = %opts.node_name, store = %store.root().display(), ?caps, "starting");
     let shutdown = crate::telemetry::shutdown_on_signals();
     let mut registry = Registry::default();
@@ -150,8 +75,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     });
     report::publish_model_node(&agent).await?;
     let heartbeat = tokio::spawn(report::heartbeat_loop(agent.clone(), shutdown.clone()));
-    let annotations =
-        tokio::spawn(capabilities::follow_capability_annotations(agent.clone(), annotations, shutdown.clone()));
+    let annotations = tokio::spawn(node::follow_capability_annotations(agent.clone(), annotations, shutdown.clone()));
 
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let (cache, writer) = reflector::store();

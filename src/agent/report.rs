@@ -12,46 +12,10 @@ use kube::api::{Api, Patch, PatchParams};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::decide::key_of;
+use super::context::{Agent, FIELD_MANAGER};
+use super::decide::{Report, key_of};
 use super::store::VersionRecord;
-use super::{Agent, FIELD_MANAGER};
-use crate::api::{BlockerReason, DeploymentPhase, ModelDeployment, ModelNode, ModelNodeStatus, NodeModel};
-
-/// Bytes of one transfer.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Bytes {
-    /// Received from the registry.
-    pub fetched: u64,
-    /// Taken from the store instead of the wire.
-    pub reused: u64,
-    /// Of the whole variant.
-    pub total: u64,
-}
-
-/// What the agent reports in a ModelDeployment's status (compared with what is there before writing).
-#[derive(Clone, Debug, PartialEq)]
-pub struct Report {
-    /// The phase.
-    pub phase: DeploymentPhase,
-    /// A blocker reason, when not progressing.
-    pub reason: Option<BlockerReason>,
-    /// For a person.
-    pub message: Option<String>,
-    /// Bytes, when known.
-    pub bytes: Option<Bytes>,
-}
-
-impl Report {
-    /// Just a phase.
-    pub fn phase(phase: DeploymentPhase) -> Report {
-        Report { phase, reason: None, message: None, bytes: None }
-    }
-
-    /// A phase with a blocker.
-    pub fn blocked(phase: DeploymentPhase, reason: BlockerReason, message: String) -> Report {
-        Report { phase, reason: Some(reason), message: Some(message), bytes: None }
-    }
-}
+use crate::api::{ModelDeployment, ModelNode, ModelNodeStatus, NodeModel};
 
 /// Writes a ModelDeployment's status from the store's view of its model plus `report`,
 /// unless the status already says exactly that.

@@ -28,6 +28,7 @@ pub struct StatusArgs {
     /// Failed (exit 1), or Ctrl-C.
     #[arg(short, long)]
     pub watch: bool,
+    /// Where to look.
     #[command(flatten)]
     pub target: Target,
 }
@@ -40,6 +41,7 @@ pub struct RollbackArgs {
     /// Version to go back to (default: the last version that converged before the current one).
     #[arg(long)]
     pub to: Option<String>,
+    /// Where to look.
     #[command(flatten)]
     pub target: Target,
 }
@@ -49,6 +51,7 @@ pub struct RollbackArgs {
 pub struct NameArgs {
     /// The ModelRollout.
     pub name: String,
+    /// Where to look.
     #[command(flatten)]
     pub target: Target,
 }

@@ -9,8 +9,8 @@ use oci_client::errors::OciDistributionError;
 use oci_client::manifest::OciManifest;
 use oci_client::secrets::RegistryAuth;
 
+use super::layout::VariantInfo;
 use super::layout::{LayoutError, variant_from_manifest, variants_from_index};
-use crate::plan::variant::VariantInfo;
 
 /// Registry errors, classified for retries.
 #[derive(Debug, thiserror::Error)]

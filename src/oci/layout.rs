@@ -2,8 +2,6 @@
 
 use oci_client::manifest::{OciImageIndex, OciImageManifest};
 
-use crate::plan::variant::VariantInfo;
-
 /// Annotation on an index entry: the variant's name.
 pub const ANN_VARIANT: &str = "peat.dev/variant";
 /// Annotation on an index entry: numeric precision (`float16`, `int8`, …).
@@ -128,6 +126,32 @@ pub fn variant_from_manifest(manifest: &OciImageManifest, digest: &str) -> Varia
         min_gpu_memory: 0,
         size: manifest.layers.iter().filter(|l| l.media_type != MEDIA_CHUNK_INDEX).map(|l| l.size.max(0) as u64).sum(),
         arch: None,
+    }
+}
+
+/// One variant of a model version, as read from the image index (DESIGN §6 annotations).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VariantInfo {
+    /// `peat.dev/variant`.
+    pub name: String,
+    /// Digest of the variant's manifest.
+    pub digest: String,
+    /// `peat.dev/precision`.
+    pub precision: Option<String>,
+    /// `peat.dev/providers`: every execution provider the variant needs.
+    pub providers: Vec<String>,
+    /// `peat.dev/min-gpu-memory`, bytes (0: no GPU needed).
+    pub min_gpu_memory: u64,
+    /// `peat.dev/size`, bytes.
+    pub size: u64,
+    /// `platform.architecture`, when the variant is arch-specific.
+    pub arch: Option<String>,
+}
+
+impl VariantInfo {
+    /// Whether the variant runs on an accelerator (a provider other than `cpu`).
+    pub fn uses_accelerator(&self) -> bool {
+        self.providers.iter().any(|p| !p.eq_ignore_ascii_case("cpu"))
     }
 }
 

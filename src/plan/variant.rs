@@ -6,31 +6,7 @@ use crate::api::{BlockerReason, ModelNodeStatus, VariantSpec};
 
 use super::scope::normalize_arch;
 
-/// One variant of a model version, as read from the image index (DESIGN §6 annotations).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct VariantInfo {
-    /// `peat.dev/variant`.
-    pub name: String,
-    /// Digest of the variant's manifest.
-    pub digest: String,
-    /// `peat.dev/precision`.
-    pub precision: Option<String>,
-    /// `peat.dev/providers`: every execution provider the variant needs.
-    pub providers: Vec<String>,
-    /// `peat.dev/min-gpu-memory`, bytes (0: no GPU needed).
-    pub min_gpu_memory: u64,
-    /// `peat.dev/size`, bytes.
-    pub size: u64,
-    /// `platform.architecture`, when the variant is arch-specific.
-    pub arch: Option<String>,
-}
-
-impl VariantInfo {
-    /// Whether the variant runs on an accelerator (a provider other than `cpu`).
-    pub fn uses_accelerator(&self) -> bool {
-        self.providers.iter().any(|p| !p.eq_ignore_ascii_case("cpu"))
-    }
-}
+pub use crate::oci::layout::VariantInfo;
 
 /// Why no variant fits a node.
 #[derive(Clone, Debug, PartialEq, Eq)]

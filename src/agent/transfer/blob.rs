@@ -6,9 +6,10 @@ use oci_client::Reference;
 use oci_client::client::BlobResponse;
 use oci_client::manifest::OciDescriptor;
 
+use super::error::TransferError;
 use super::plan::FileLayer;
+use super::session::Transfer;
 use super::writer::{LayerWriter, claim, pump, verify_and_commit};
-use super::{Transfer, TransferError};
 use crate::oci::OciError;
 
 /// Fetches layer `f` whole (or its rest) into the store, verified.

@@ -13,9 +13,10 @@ use oci_client::client::BlobResponse;
 use oci_client::manifest::OciDescriptor;
 use tracing::{debug, info};
 
+use super::error::{TransferError, is_enospc};
 use super::plan::FileLayer;
+use super::session::Transfer;
 use super::writer::{LayerWriter, claim, pump, verify_and_commit};
-use super::{Transfer, TransferError, is_enospc};
 use crate::agent::store::Store;
 use crate::oci::OciError;
 use crate::oci::chunk_index::{ChunkIndex, Params, index_reader};

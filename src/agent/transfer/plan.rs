@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use oci_client::manifest::{IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE, OciImageManifest};
 use oci_client::secrets::RegistryAuth;
 
-use super::TransferError;
+use super::error::TransferError;
 use crate::agent::store::{FileRecord, validate_title};
 use crate::oci::OciError;
 use crate::oci::client::parse_reference;

@@ -10,8 +10,9 @@ use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use tokio::sync::OwnedMutexGuard;
 
+use super::error::TransferError;
 use super::plan::FileLayer;
-use super::{Transfer, TransferError};
+use super::session::Transfer;
 use crate::agent::store::Store;
 use crate::oci::OciError;
 

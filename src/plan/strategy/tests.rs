@@ -1,7 +1,7 @@
 use super::*;
 use crate::api::Priority;
-use crate::plan::rivals::{Claim, winning_claim};
 use crate::api::{AllNodes, ModelDeploymentStatus, ModelNodeStatus, ModelSource, ScopeSpec, StrategySpec};
+use crate::plan::rivals::{Claim, winning_claim};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 
 const GI: u64 = 1 << 30;

@@ -10,6 +10,8 @@
 
 mod certs;
 pub mod demo;
+mod error;
+pub mod harness;
 mod process;
 
 use std::collections::BTreeMap;
@@ -21,54 +23,10 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::{await_condition, conditions};
-use thiserror::Error;
 
+pub use error::TestEnvError;
+use error::io;
 pub use process::{Lifetime, ManagedProcess};
-
-/// Errors of the test environment.
-#[derive(Debug, Error)]
-pub enum TestEnvError {
-    /// The build script failed.
-    #[error("building the test environment's binaries failed: {0}")]
-    Build(String),
-    /// A file or process operation failed.
-    #[error("{what}: {source}")]
-    Io {
-        /// What was being done.
-        what: String,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// A process did not become ready in time, or exited.
-    #[error("{name} did not become ready: {why}\n--- last lines of {log} ---\n{tail}")]
-    NotReady {
-        /// The process.
-        name: String,
-        /// Why.
-        why: String,
-        /// Its log file.
-        log: String,
-        /// The end of its log.
-        tail: String,
-    },
-    /// A certificate could not be made.
-    #[error("certificates: {0}")]
-    Certs(#[from] rcgen::Error),
-    /// Talking to the API server failed.
-    #[error("kubernetes: {0}")]
-    Kube(#[from] kube::Error),
-    /// Reading the kubeconfig failed.
-    #[error("kubeconfig: {0}")]
-    Kubeconfig(#[from] kube::config::KubeconfigError),
-    /// The CRDs did not become Established in time.
-    #[error("CRD {0} did not become Established within 60 s")]
-    CrdNotEstablished(String),
-}
-
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TestEnvError {
-    let what = what.into();
-    move |source| TestEnvError::Io { what, source }
-}
 
 /// Where the environment's binaries are (the `KEY=path` output of `scripts/testenv-build.sh`).
 #[derive(Clone, Debug)]
@@ -171,7 +129,8 @@ pub struct TestEnv {
     pub processes: Vec<ManagedProcess>,
 }
 
-fn free_port() -> Result<u16, TestEnvError> {
+/// A port on 127.0.0.1 free at the time of asking.
+pub fn free_port() -> Result<u16, TestEnvError> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(io("finding a free port"))?;
     Ok(l.local_addr().map_err(io("finding a free port"))?.port())
 }
@@ -340,6 +299,23 @@ impl TestEnv {
         .await
     }
 
+    /// Starts `peat ARGS…` (`peat` the binary at `peat`) against this environment as `name`,
+    /// with `RUST_LOG=rust_log` and its output in `log`; it dies with this process.
+    pub fn spawn_peat(
+        &self,
+        peat: &Path,
+        name: &str,
+        args: &[String],
+        rust_log: &str,
+        log: &Path,
+    ) -> std::io::Result<ManagedProcess> {
+        let envs = [
+            ("KUBECONFIG".to_string(), self.kubeconfig.display().to_string()),
+            ("RUST_LOG".to_string(), rust_log.to_string()),
+        ];
+        ManagedProcess::spawn_with_env(name, peat, args, &envs, log, Lifetime::TiedToThisProcess)
+    }
+
     /// An admin client.
     pub async fn client(&self) -> Result<kube::Client, TestEnvError> {
         let kc = Kubeconfig::read_from(&self.kubeconfig)?;
@@ -352,11 +328,11 @@ impl TestEnv {
         let client = self.client().await?;
         let api: Api<CustomResourceDefinition> = Api::all(client);
         let pp = PatchParams::apply("peat-testenv").force();
-        for crd in crate::api::crds() {
+        for crd in peat::api::crds() {
             let name = crd.metadata.name.clone().expect("generated CRDs are named");
             api.patch(&name, &pp, &Patch::Apply(&crd)).await?;
         }
-        for crd in crate::api::crds() {
+        for crd in peat::api::crds() {
             let name = crd.metadata.name.clone().expect("generated CRDs are named");
             let established = await_condition(api.clone(), &name, conditions::is_crd_established());
             tokio::time::timeout(Duration::from_secs(60), established)

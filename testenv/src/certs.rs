@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 
-use super::{TestEnvError, io};
+use crate::error::{TestEnvError, io};
 
 /// Paths of the written PKI files.
 #[derive(Clone, Debug)]

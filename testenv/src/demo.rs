@@ -23,7 +23,7 @@ use thiserror::Error;
 use tokio::sync::Notify;
 
 use super::{Binaries, Lifetime, ManagedProcess, Options, TestEnv, TestEnvError, pseudo_random};
-use crate::api::{DeploymentPhase, ModelDeployment, ModelNode};
+use peat::api::{DeploymentPhase, ModelDeployment, ModelNode};
 
 /// The model the example rolls out, and the namespace it lives in.
 const MODEL: &str = "target-recognition";
@@ -485,12 +485,10 @@ impl Demo {
     fn start_peat(&mut self, name: &str, args: &[&str]) -> Result<(), DemoError> {
         let log = self.opts.dir.join("logs").join(format!("{name}.log"));
         println!("$ peat {} > {} 2>&1 &", args.join(" "), log.display());
-        let envs = [
-            ("KUBECONFIG".to_string(), self.env.kubeconfig.display().to_string()),
-            ("RUST_LOG".to_string(), "info,peat=debug".to_string()),
-        ];
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let p = ManagedProcess::spawn_with_env(name, &self.opts.peat, &args, &envs, &log, Lifetime::TiedToThisProcess)
+        let p = self
+            .env
+            .spawn_peat(&self.opts.peat, name, &args, "info,peat=debug", &log)
             .map_err(io(format!("starting {name}")))?;
         self.processes.push(p);
         Ok(())

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use peat::testenv::{self, Binaries, Lifetime, Options, TestEnv};
+use peat_testenv::{Binaries, Lifetime, Options, TestEnv};
 
 #[derive(Parser)]
 #[command(
@@ -52,7 +52,7 @@ async fn main() -> ExitCode {
     match cli.command {
         Cmd::Demo { demo_dir } => demo(&demo_dir).await,
         Cmd::Status => {
-            let alive = testenv::detached_status(&dir);
+            let alive = peat_testenv::detached_status(&dir);
             if alive.is_empty() {
                 println!("no environment runs in {}", dir.display());
                 return ExitCode::from(1);
@@ -63,7 +63,7 @@ async fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Cmd::Down => {
-            let stopped = testenv::stop_detached(&dir);
+            let stopped = peat_testenv::stop_detached(&dir);
             if stopped.is_empty() {
                 println!("no environment was running in {}", dir.display());
             } else {
@@ -72,7 +72,7 @@ async fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Cmd::Up => {
-            let alive = testenv::detached_status(&dir);
+            let alive = peat_testenv::detached_status(&dir);
             if !alive.is_empty() {
                 let names: Vec<_> = alive.iter().map(|(p, n)| format!("{n} (pid {p})")).collect();
                 println!(
@@ -84,8 +84,8 @@ async fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             // Leftovers of a crashed or half-stopped one.
-            testenv::stop_detached(&dir);
-            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+            peat_testenv::stop_detached(&dir);
+            let root = peat_testenv::harness::repo_root();
             let binaries = match Binaries::ensure(&root) {
                 Ok(b) => b,
                 Err(e) => {
@@ -123,20 +123,18 @@ async fn main() -> ExitCode {
 async fn demo(dir: &std::path::Path) -> ExitCode {
     let peat = std::env::current_exe().ok().and_then(|e| Some(e.parent()?.join("peat"))).filter(|p| p.exists());
     let Some(peat) = peat else {
-        eprintln!(
-            "peat-testenv demo: no `peat` binary next to this one; build both: cargo build --bin peat --bin peat-testenv"
-        );
+        eprintln!("peat-testenv demo: no `peat` binary next to this one; build both: cargo build --workspace --bins");
         return ExitCode::FAILURE;
     };
-    let opts = peat::testenv::demo::DemoOptions {
-        repo_root: PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+    let opts = peat_testenv::demo::DemoOptions {
+        repo_root: peat_testenv::harness::repo_root(),
         dir: std::path::absolute(dir).unwrap_or(dir.to_path_buf()),
         peat,
     };
     // Ctrl-C and SIGTERM are handled inside: it stops what it started, then says Interrupted.
-    match peat::testenv::demo::run(opts).await {
+    match peat_testenv::demo::run(opts).await {
         Ok(_) => ExitCode::SUCCESS,
-        Err(peat::testenv::demo::DemoError::Interrupted(_)) => {
+        Err(peat_testenv::demo::DemoError::Interrupted(_)) => {
             eprintln!("torn down; the logs stay in {}/logs", dir.display());
             ExitCode::from(130)
         }

@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 /// Starts `peat-testenv demo` in `target/testenv/demo-<name>-<pid>`, stdout and stderr to a file.
 fn start_demo(name: &str) -> (Child, PathBuf, PathBuf) {
-    let dir =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("target/testenv/demo-{name}-{}", std::process::id()));
+    let dir = peat_testenv::harness::repo_root().join(format!("target/testenv/demo-{name}-{}", std::process::id()));
     let out = dir.with_extension("out");
     std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
     let file = std::fs::File::create(&out).unwrap();

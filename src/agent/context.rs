@@ -1,0 +1,52 @@
+//! What the agent's loop and its transfer tasks share.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use kube::{Client, ResourceExt};
+use oci_client::secrets::RegistryAuth;
+
+use super::capabilities::Capabilities;
+use super::metrics::Metrics;
+use super::options::Options;
+use super::store::Store;
+use super::transfer::{self, RateLimiter, Source, TransferError};
+use crate::api::ModelDeployment;
+use crate::oci::client::{Clients, auth_from_secret, parse_reference};
+
+/// Field manager of everything the agent writes.
+pub const FIELD_MANAGER: &str = "peat-agent";
+
+/// Shared by the loop and the transfer tasks.
+pub(crate) struct Agent {
+    pub(super) client: Client,
+    pub(super) opts: Options,
+    pub(super) store: Store,
+    /// What the ModelNode reports; changes when the Node's capability annotations do.
+    pub(super) caps: Mutex<Capabilities>,
+    pub(super) limiter: Option<RateLimiter>,
+    pub(super) metrics: Metrics,
+    /// Registry clients by registry and credentials.
+    pub(super) clients: Clients,
+    /// Layers being downloaded (one writer per digest).
+    pub(super) in_flight: transfer::InFlight,
+    /// Layer digests of each running transfer's plan: garbage collection keeps them.
+    pub(super) pinned: Mutex<HashMap<String, HashSet<String>>>,
+    /// Serializes changes of the store's model directories (activation, pruning, collection).
+    pub(super) store_lock: tokio::sync::Mutex<()>,
+    /// Wakes the heartbeat early (the inventory changed).
+    pub(super) inventory_changed: tokio::sync::Notify,
+}
+
+impl Agent {
+    pub(super) async fn source_for(&self, md: &ModelDeployment) -> Result<Source, TransferError> {
+        let r = parse_reference(&md.spec.artifact)?;
+        let registry = r.resolve_registry().to_string();
+        let auth = match &md.spec.pull_secret {
+            Some(name) => auth_from_secret(&self.client, &md.namespace().unwrap_or_default(), name, &registry).await?,
+            None => RegistryAuth::Anonymous,
+        };
+        let client = self.clients.get(&registry, md.spec.insecure, &auth);
+        Ok(Source { client, auth })
+    }
+}

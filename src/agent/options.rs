@@ -1,0 +1,47 @@
+//! Flags of `peat agent`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::capabilities::Overrides;
+use crate::telemetry::LogFormat;
+use crate::units::{parse_duration, parse_quantity};
+
+/// Options of `peat agent`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Options {
+    /// This node's name (the Downward API's `spec.nodeName` in the chart).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// The store directory (a hostPath in the chart).
+    #[arg(long, default_value = "/var/lib/peat", env = "PEAT_STORE")]
+    pub store: PathBuf,
+    /// Address of /livez, /readyz and /metrics.
+    #[arg(long, default_value = "0.0.0.0:8081", env = "PEAT_METRICS_ADDR")]
+    pub metrics_addr: SocketAddr,
+    /// How often the ModelNode heartbeat (capabilities, storage, inventory) is written.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// Least time between two progress writes of one transfer.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub progress_interval: Duration,
+    /// Transfers running at once; more wait, highest priority first.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_concurrent_pulls: u16,
+    /// Versions kept on disk besides the active one, so rolling back to them moves no bytes.
+    #[arg(long, default_value_t = 2)]
+    pub keep_versions: usize,
+    /// Cap on download bandwidth, bytes per second for all transfers together (`10Mi`).
+    #[arg(long, value_parser = parse_quantity)]
+    pub max_bandwidth: Option<u64>,
+    /// Most bytes the store may occupy on its filesystem (`20Gi`); reported as the node's storage.
+    #[arg(long, value_parser = parse_quantity)]
+    pub storage_capacity: Option<u64>,
+    /// Capability overrides.
+    #[command(flatten)]
+    pub capabilities: Overrides,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "PEAT_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
