@@ -591,3 +591,87 @@ async fn node_annotations_give_what_detection_cannot_see_and_flags_win_over_them
     .await;
     assert_eq!(mns.get(&node).await.unwrap().status.unwrap().gpu_memory_bytes, 16 << 30, "the flag still wins");
 }
+
+/// A second ModelDeployment of a model the node already holds (here from another namespace, as a
+/// second team or a hand-written object would make it) waits with the blocker NodeBusy: it is not
+/// Failed, so it can never count toward its rollout's failureThreshold and trigger a rollback.
+#[tokio::test]
+async fn a_second_deployment_of_a_held_model_waits_node_busy_and_is_no_failure() {
+    let s = setup("agent-node-busy").await;
+    push_files(&s.repo("held"), "1.0.0", cpu("int8-cpu"), &[("model.onnx", pseudo_random(7, 4096))]).await;
+    let agent = s.agent("n", &[]).await;
+    s.apply("held", "1.0.0", &[&agent], json!({})).await;
+    s.converged("held", "1.0.0", &[&agent]).await;
+
+    let other = support::ctx("agent-node-busy-other").await;
+    let holder = s.deployment("held", &agent).await;
+    let api: Api<ModelDeployment> = Api::namespaced(other.client.clone(), &other.ns);
+    let name = ModelDeployment::name_for("held", &agent.node);
+    let obj = json!({"apiVersion": "peat.dev/v1alpha1", "kind": "ModelDeployment",
+                     "metadata": {"name": name}, "spec": holder.spec});
+    api.patch(&name, &PatchParams::apply("peat-test").force(), &Patch::Apply(&obj)).await.expect("a second deployment");
+    let busy = support::eventually("the second deployment reports NodeBusy", T, || {
+        let api = api.clone();
+        let name = name.clone();
+        async move { api.get(&name).await.ok().and_then(|m| m.status).filter(|st| st.reason.is_some()) }
+    })
+    .await;
+    assert_eq!(busy.reason, Some(BlockerReason::NodeBusy), "{busy:?}");
+    assert_eq!(busy.phase, DeploymentPhase::NotDeployed, "a blocker, not a failure: {busy:?}");
+    assert!(busy.message.unwrap_or_default().contains("already holds model held"));
+    let first = s.deployment("held", &agent).await.status.unwrap();
+    assert_eq!((first.phase, first.active_version.as_deref()), (DeploymentPhase::Operational, Some("1.0.0")));
+}
+
+/// A manifest whose layer sizes add up past 2^64 (sizes come from the registry) is refused with a
+/// message at resolution; nothing panics or wraps, and the controller goes on serving other rollouts.
+#[tokio::test]
+async fn layer_sizes_that_overflow_are_refused_with_a_message() {
+    let s = setup("agent-size-overflow").await;
+    let access = peat::oci::RegistryAccess { insecure: true, ..Default::default() };
+    let client = access.client();
+    let data = pseudo_random(43, 1000);
+    let digest = peat::oci::digest::sha256_digest(&data);
+    let repo = s.repo("huge");
+    let r: oci_client::Reference = format!("{repo}:1.0.0").parse().unwrap();
+    client.push_blob(&r, data, &digest).await.unwrap();
+    let layer = |title: &str, size: i64| oci_client::manifest::OciDescriptor {
+        media_type: peat::oci::layout::MEDIA_MODEL_FILE.into(),
+        digest: digest.clone(),
+        size,
+        annotations: Some([(peat::oci::layout::ANN_TITLE.to_string(), title.to_string())].into()),
+        ..Default::default()
+    };
+    let config = b"{}".to_vec();
+    let config_digest = peat::oci::digest::sha256_digest(&config);
+    client.push_blob(&r, config.clone(), &config_digest).await.unwrap();
+    let manifest = oci_client::manifest::OciImageManifest {
+        config: oci_client::manifest::OciDescriptor {
+            media_type: "application/vnd.oci.empty.v1+json".into(),
+            digest: config_digest,
+            size: config.len() as i64,
+            ..Default::default()
+        },
+        layers: vec![layer("a.bin", i64::MAX), layer("b.bin", i64::MAX), layer("c.bin", 2)],
+        ..Default::default()
+    };
+    client.push_manifest(&r, &oci_client::manifest::OciManifest::Image(manifest)).await.expect("the registry takes it");
+
+    let agent = s.agent("n", &[]).await;
+    s.apply("huge", "1.0.0", &[&agent], json!({})).await;
+    let api: Api<ModelRollout> = Api::namespaced(s.ctx.client.clone(), &s.ctx.ns);
+    let ready = support::eventually("the rollout says why it cannot resolve", T, || {
+        let api = api.clone();
+        async move {
+            let r = api.get("huge").await.ok()?;
+            r.status?.conditions.into_iter().find(|c| c.type_ == "Ready" && c.reason == "InvalidArtifact")
+        }
+    })
+    .await;
+    assert!(ready.message.contains("more than 2^64 bytes"), "{}", ready.message);
+    assert!(support::deployments(&s.ctx.client, &s.ctx.ns, "huge").await.is_empty(), "nothing reaches a node");
+    // The controller survived it: another rollout still converges.
+    push_files(&s.repo("fine"), "1.0.0", cpu("int8-cpu"), &[("model.onnx", pseudo_random(44, 2048))]).await;
+    s.apply("fine", "1.0.0", &[&agent], json!({})).await;
+    s.converged("fine", "1.0.0", &[&agent]).await;
+}

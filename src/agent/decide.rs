@@ -199,7 +199,8 @@ pub fn decide(known: &Known<'_>, memory: &mut Memory) -> Vec<Action> {
         let key = key_of(md);
         if let Some(holder) = holders.get(md.spec.model.as_str()) {
             let msg = format!("{} already holds model {} on this node", key_of(holder), md.spec.model);
-            let report = Report::blocked(DeploymentPhase::Failed, BlockerReason::NodeBusy, msg);
+            // A blocker, not a failure: it must not count toward a rollout's failureThreshold.
+            let report = Report::blocked(DeploymentPhase::NotDeployed, BlockerReason::NodeBusy, msg);
             actions.push(Action::Report((*md).clone(), report));
             continue;
         }

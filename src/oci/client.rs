@@ -248,7 +248,10 @@ pub async fn resolve(client: &oci_client::Client, auth: &RegistryAuth, reference
         OciManifest::ImageIndex(index) => {
             variants_from_index(index).map_err(|source| OciError::Layout { reference: reference.into(), source })?
         }
-        OciManifest::Image(m) => vec![variant_from_manifest(m, &digest)],
+        OciManifest::Image(m) => vec![
+            variant_from_manifest(m, &digest)
+                .map_err(|source| OciError::Layout { reference: reference.into(), source })?,
+        ],
     };
     Ok(Resolved { digest, variants })
 }

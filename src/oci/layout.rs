@@ -46,6 +46,23 @@ pub enum LayoutError {
     /// The index has no entries.
     #[error("the index lists no manifests")]
     Empty,
+    /// The layers' declared sizes are negative or add up past what any disk holds (2^64 bytes).
+    #[error("manifest {digest}: the layers' declared sizes {why}")]
+    BadSizes {
+        /// The manifest's digest.
+        digest: String,
+        /// What is wrong with them.
+        why: &'static str,
+    },
+}
+
+/// The bytes a manifest's file layers declare (chunk indexes excluded): sizes come from the
+/// registry, so a negative one or a sum that overflows is refused, never wrapped or panicked on.
+pub fn declared_size(layers: &[oci_client::manifest::OciDescriptor]) -> Result<u64, &'static str> {
+    layers.iter().filter(|l| l.media_type != MEDIA_CHUNK_INDEX).try_fold(0u64, |sum, l| {
+        let size = u64::try_from(l.size).map_err(|_| "include a negative size")?;
+        sum.checked_add(size).ok_or("add up to more than 2^64 bytes")
+    })
 }
 
 fn parse_u64(digest: &str, key: &'static str, value: &str) -> Result<u64, LayoutError> {
@@ -116,17 +133,19 @@ pub fn layer_title(layer: &oci_client::manifest::OciDescriptor) -> Option<&str> 
 }
 
 /// A plain manifest (an ORAS or ModelPack artifact without an index) as the one variant of its version.
-pub fn variant_from_manifest(manifest: &OciImageManifest, digest: &str) -> VariantInfo {
+pub fn variant_from_manifest(manifest: &OciImageManifest, digest: &str) -> Result<VariantInfo, LayoutError> {
     let ann = manifest.annotations.clone().unwrap_or_default();
-    VariantInfo {
+    let size =
+        declared_size(&manifest.layers).map_err(|why| LayoutError::BadSizes { digest: digest.to_string(), why })?;
+    Ok(VariantInfo {
         name: ann.get(ANN_VARIANT).cloned().unwrap_or_else(|| DEFAULT_VARIANT.to_string()),
         digest: digest.to_string(),
         precision: ann.get(ANN_PRECISION).cloned(),
         providers: Vec::new(),
         min_gpu_memory: 0,
-        size: manifest.layers.iter().filter(|l| l.media_type != MEDIA_CHUNK_INDEX).map(|l| l.size.max(0) as u64).sum(),
+        size,
         arch: None,
-    }
+    })
 }
 
 /// One variant of a model version, as read from the image index (DESIGN §6 annotations).
@@ -219,5 +238,23 @@ mod tests {
     fn an_unannotated_single_entry_is_the_default_variant() {
         let v = variants_from_index(&index(vec![entry("sha256:aa", &[])])).unwrap();
         assert_eq!((v[0].name.as_str(), v[0].size), (DEFAULT_VARIANT, 512));
+    }
+
+    #[test]
+    fn declared_sizes_that_overflow_or_go_negative_are_refused() {
+        let l = |size: i64, media: &str| oci_client::manifest::OciDescriptor {
+            media_type: media.into(),
+            size,
+            ..Default::default()
+        };
+        assert_eq!(declared_size(&[l(10, MEDIA_MODEL_FILE), l(5, MEDIA_MODEL_FILE), l(99, MEDIA_CHUNK_INDEX)]), Ok(15));
+        assert!(
+            declared_size(&[l(i64::MAX, MEDIA_MODEL_FILE), l(i64::MAX, MEDIA_MODEL_FILE), l(2, MEDIA_MODEL_FILE)])
+                .is_err()
+        );
+        assert!(declared_size(&[l(-1, MEDIA_MODEL_FILE)]).is_err());
+        let m = OciImageManifest { layers: vec![l(i64::MAX, "x"), l(i64::MAX, "x"), l(2, "x")], ..Default::default() };
+        let err = variant_from_manifest(&m, "sha256:m").unwrap_err();
+        assert!(err.to_string().contains("more than 2^64 bytes"), "{err}");
     }
 }

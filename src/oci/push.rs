@@ -247,7 +247,10 @@ pub async fn push_variant_manifest(
     let r = parse_reference(&tag_ref)?;
     client.store_auth_if_needed(r.resolve_registry(), auth).await;
     let err = |e| OciError::from_client(&tag_ref, e);
-    let size: u64 = layers.iter().filter(|l| l.media_type != MEDIA_CHUNK_INDEX).map(|l| l.size.max(0) as u64).sum();
+    let size = declared_size(&layers).map_err(|why| OciError::Layout {
+        reference: tag_ref.clone(),
+        source: LayoutError::BadSizes { digest: "(being pushed)".into(), why },
+    })?;
     let config_digest = sha256_digest(EMPTY_CONFIG);
     let manifest = OciImageManifest {
         schema_version: 2,

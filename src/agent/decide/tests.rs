@@ -287,6 +287,7 @@ fn the_oldest_deployment_of_a_model_holds_it_a_later_one_is_node_busy() {
     assert_eq!(started(&actions), ["old"], "age, not priority, decides who holds the model");
     let busy = report_of(&actions, "young").unwrap();
     assert_eq!(busy.reason, Some(BlockerReason::NodeBusy));
+    assert_eq!(busy.phase, DeploymentPhase::NotDeployed, "a blocker, not a failure");
     assert!(busy.message.as_deref().unwrap().contains("ns/old already holds model m"));
     // Another model is not affected.
     let mut w = World::new(vec![md("x", "m1", "1", Normal, 20), md("y", "m2", "1", Normal, 10)]);

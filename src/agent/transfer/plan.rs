@@ -89,6 +89,10 @@ pub fn plan_from_manifest(
     if files.is_empty() {
         return Err(bad("no layer carries a file title (org.opencontainers.image.title)".into()));
     }
+    // Sizes come from the registry: a sum past 2^64 is refused here, so every later sum of them holds.
+    if files.iter().try_fold(0u64, |sum, f| sum.checked_add(f.size)).is_none() {
+        return Err(bad("the layers' declared sizes add up to more than 2^64 bytes".into()));
+    }
     // Chunk indexes are optional: a layer without one (or with a malformed one) is pulled whole.
     let chunk_indexes = manifest
         .layers
@@ -178,6 +182,7 @@ mod tests {
             manifest(vec![layer(Some("a"), 1), layer(Some("a/b"), 1)]),
             manifest(vec![layer(Some("a"), -1)]),
             manifest(vec![layer(None, 1)]),
+            manifest(vec![layer(Some("a"), i64::MAX), layer(Some("b"), i64::MAX), layer(Some("c"), 2)]),
         ] {
             let err = plan_from_manifest("r@d", "d", &bad, None).unwrap_err();
             assert!(matches!(err, TransferError::BadArtifact { .. }), "{err}");
