@@ -191,6 +191,25 @@ fn dir_is_empty(dir: &Path) -> bool {
     std::fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(true)
 }
 
+/// Pushes `data` as a blob of `repo` (no manifest); returns its digest.
+async fn push_raw_blob(client: &oci_client::Client, repo: &str, data: Vec<u8>) -> String {
+    let digest = peat::oci::digest::sha256_digest(&data);
+    let r: oci_client::Reference = format!("{repo}:1.0.0").parse().unwrap();
+    client.push_blob(&r, data, &digest).await.unwrap();
+    digest
+}
+
+/// A file layer descriptor as a hand-made (possibly hostile) manifest would declare it.
+fn file_layer(digest: &str, title: &str, size: i64) -> oci_client::manifest::OciDescriptor {
+    oci_client::manifest::OciDescriptor {
+        media_type: peat::oci::layout::MEDIA_MODEL_FILE.into(),
+        digest: digest.to_string(),
+        size,
+        annotations: Some([(peat::oci::layout::ANN_TITLE.to_string(), title.to_string())].into()),
+        ..Default::default()
+    }
+}
+
 #[tokio::test]
 async fn variants_per_node_upgrade_and_rollback_without_bytes() {
     let s = setup("agent-variants").await;
@@ -458,18 +477,9 @@ async fn unsafe_titles_and_oversized_layers_are_refused() {
     // A layer whose descriptor declares half the blob's real size.
     let access = peat::oci::RegistryAccess { insecure: true, ..Default::default() };
     let client = access.client();
-    let data = pseudo_random(41, 2000);
-    let digest = peat::oci::digest::sha256_digest(&data);
     let repo = s.repo("big");
-    let r: oci_client::Reference = format!("{repo}:1.0.0").parse().unwrap();
-    client.push_blob(&r, data.clone(), &digest).await.unwrap();
-    let layer = oci_client::manifest::OciDescriptor {
-        media_type: peat::oci::layout::MEDIA_MODEL_FILE.into(),
-        digest,
-        size: 1000,
-        annotations: Some([(peat::oci::layout::ANN_TITLE.to_string(), "model.onnx".to_string())].into()),
-        ..Default::default()
-    };
+    let digest = push_raw_blob(&client, &repo, pseudo_random(41, 2000)).await;
+    let layer = file_layer(&digest, "model.onnx", 1000);
     peat::oci::push::push_variant_manifest(&client, &access.auth, &repo, "1.0.0", &cpu("int8-cpu"), vec![layer])
         .await
         .unwrap();
@@ -630,18 +640,10 @@ async fn layer_sizes_that_overflow_are_refused_with_a_message() {
     let s = setup("agent-size-overflow").await;
     let access = peat::oci::RegistryAccess { insecure: true, ..Default::default() };
     let client = access.client();
-    let data = pseudo_random(43, 1000);
-    let digest = peat::oci::digest::sha256_digest(&data);
     let repo = s.repo("huge");
     let r: oci_client::Reference = format!("{repo}:1.0.0").parse().unwrap();
-    client.push_blob(&r, data, &digest).await.unwrap();
-    let layer = |title: &str, size: i64| oci_client::manifest::OciDescriptor {
-        media_type: peat::oci::layout::MEDIA_MODEL_FILE.into(),
-        digest: digest.clone(),
-        size,
-        annotations: Some([(peat::oci::layout::ANN_TITLE.to_string(), title.to_string())].into()),
-        ..Default::default()
-    };
+    let digest = push_raw_blob(&client, &repo, pseudo_random(43, 1000)).await;
+    let layer = |title: &str, size: i64| file_layer(&digest, title, size);
     let config = b"{}".to_vec();
     let config_digest = peat::oci::digest::sha256_digest(&config);
     client.push_blob(&r, config.clone(), &config_digest).await.unwrap();

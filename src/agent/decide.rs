@@ -1,8 +1,8 @@
 //! The agent's decisions, pure: from what it knows — this node's ModelDeployments, the transfers
 //! running, the store's inventory, its limits, the clock — to the actions to carry out: status
 //! reports, transfers to start and to stop, a kept version to switch to, models to remove, the
-//! garbage-collection keep set, the Node's labels. No I/O here; [`super::run`] observes, calls
-//! [`decide`] and carries the actions out, and feeds finished transfers to [`on_finished`].
+//! garbage-collection keep set, the Node's labels. No I/O here; the loop in `agent/act.rs` observes,
+//! calls [`decide`], carries the actions out, and feeds finished transfers to [`on_finished`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -241,14 +241,14 @@ pub fn decide(known: &Known<'_>, memory: &mut Memory) -> Vec<Action> {
     }
     schedule(known, &wanted, &mut actions);
     // Transfers of deployments that are gone, paused or satisfied stop (their partials stay).
-    let keep: HashSet<String> = mds.iter().filter(|m| !m.spec.paused).map(|m| key_of(m)).collect();
+    let present: HashMap<String, bool> = mds.iter().map(|m| (key_of(m), m.spec.paused)).collect();
     for (key, r) in known.running {
-        let still = keep.contains(key) && memory.get(key).is_some_and(|t| t.artifact == r.artifact);
+        let still = present.get(key) == Some(&false) && memory.get(key).is_some_and(|t| t.artifact == r.artifact);
         if !still && !r.cancelled {
             actions.push(Action::Stop { key: key.clone(), why: StopReason::NotWanted });
         }
     }
-    memory.retain(|k, _| mds.iter().any(|m| &key_of(m) == k));
+    memory.retain(|k, _| present.contains_key(k));
     // Garbage: models nobody holds; blobs outside every known plan and running transfer; partials
     // only when the plan of every deployment that still needs bytes is known (else whose they are is not).
     for model in known.inventory.keys().filter(|m| !holders.contains_key(m.as_str())) {

@@ -193,6 +193,7 @@ impl Resolver {
 
     /// Forgets a deleted rollout's schedules.
     pub fn forget(&self, uid: &str) {
-        self.rechecks.lock().expect("resolver lock").retain(|k, _| !k.starts_with(&format!("{uid}/")));
+        let prefix = format!("{uid}/");
+        self.rechecks.lock().expect("resolver lock").retain(|k, _| !k.starts_with(&prefix));
     }
 }

@@ -8,9 +8,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
-use std::time::Duration;
-
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use kube::runtime::Controller;

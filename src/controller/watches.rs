@@ -59,7 +59,10 @@ pub(crate) fn start(
         client,
         |_| {},
         model_node_fingerprint(heartbeat_timeout),
-        move |mn: &ModelNode| concerned(&of_node, |r| scope_may_include(&r.spec, &mn.name_any())),
+        move |mn: &ModelNode| {
+            let node = mn.name_any();
+            concerned(&of_node, |r| scope_may_include(&r.spec, &node))
+        },
         triggers,
         tasks,
     );
@@ -75,7 +78,8 @@ pub(crate) fn start(
         },
         |n: &Node| kube::runtime::predicates::labels(n),
         move |n: &Node| {
-            concerned(&of_labels, |r| r.spec.scope.capable.is_none() && scope_may_include(&r.spec, &n.name_any()))
+            let node = n.name_any();
+            concerned(&of_labels, |r| r.spec.scope.capable.is_none() && scope_may_include(&r.spec, &node))
         },
         triggers,
         tasks,

@@ -51,87 +51,52 @@ pub fn abort_decision(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{AllNodes, ModelDeploymentStatus, ModelSource, Priority, ScopeSpec, StrategySpec};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+    use crate::api::StrategySpec;
+    use crate::plan::fixtures::{owned, rollout, status};
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-    fn spec(threshold: Option<IntOrString>) -> ModelRolloutSpec {
-        ModelRolloutSpec {
-            model: "vision".into(),
-            version: "2.0.0".into(),
-            source: ModelSource { repository: "reg:5000/models/vision".into(), pull_secret: None, insecure: true },
-            variant: None,
-            scope: ScopeSpec { all: Some(AllNodes {}), ..Default::default() },
-            priority: Priority::Normal,
-            strategy: Some(StrategySpec { max_parallel: None, failure_threshold: threshold, auto_rollback: false }),
-            delta: None,
-            paused: false,
-        }
-    }
-
-    fn deployment(owner: &str, node: &str, version: &str, phase: DeploymentPhase) -> ModelDeployment {
-        let mut md = ModelDeployment::new(
-            &ModelDeployment::name_for("vision", node),
-            crate::api::ModelDeploymentSpec {
-                node_name: node.into(),
-                model: "vision".into(),
-                version: version.into(),
-                variant: "int8-cpu".into(),
-                artifact: "reg:5000/models/vision@sha256:cpu".into(),
-                insecure: true,
-                pull_secret: None,
-                priority: Priority::Normal,
-                delta: true,
-                max_size_bytes: None,
-                paused: false,
-            },
-        );
-        md.metadata.owner_references = Some(vec![OwnerReference {
-            api_version: "peat.dev/v1alpha1".into(),
-            kind: "ModelRollout".into(),
-            name: "vision".into(),
-            uid: owner.into(),
-            controller: Some(true),
-            block_owner_deletion: None,
-        }]);
-        md.status = Some(ModelDeploymentStatus { phase, ..Default::default() });
-        md
+    fn failing_on(node: &str, version: &str, owner: &str, phase: DeploymentPhase) -> ModelDeployment {
+        owned(owner, node, version, "sha256:cpu2", status(phase, None))
     }
 
     #[test]
     fn failure_threshold() {
-        assert!(!threshold_crossed(&spec(None), 5, 10), "no threshold: never abort");
-        let pct = spec(Some(IntOrString::String("10%".into())));
-        assert!(!threshold_crossed(&pct, 1, 10));
-        assert!(threshold_crossed(&pct, 2, 10));
-        let three = spec(Some(IntOrString::Int(3)));
-        assert!(!threshold_crossed(&three, 3, 10));
-        assert!(threshold_crossed(&three, 4, 10));
+        let r = rollout(None);
+        assert!(!threshold_crossed(&r.spec, 5, 10), "no threshold: never abort");
+        let mut spec = r.spec.clone();
+        spec.strategy =
+            Some(StrategySpec { failure_threshold: Some(IntOrString::String("10%".into())), ..Default::default() });
+        assert!(!threshold_crossed(&spec, 1, 10));
+        assert!(threshold_crossed(&spec, 2, 10));
+        spec.strategy = Some(StrategySpec { failure_threshold: Some(IntOrString::Int(3)), ..Default::default() });
+        assert!(!threshold_crossed(&spec, 3, 10));
+        assert!(threshold_crossed(&spec, 4, 10));
     }
 
     #[test]
     fn failures_count_for_this_rollout_and_version_only() {
         let mds = [
-            deployment("uid-v", "n0", "2.0.0", DeploymentPhase::Failed),
-            deployment("uid-v", "n1", "2.0.0", DeploymentPhase::Failed),
-            deployment("uid-v", "n2", "1.0.0", DeploymentPhase::Failed),
-            deployment("uid-other", "n3", "2.0.0", DeploymentPhase::Failed),
-            deployment("uid-v", "n4", "2.0.0", DeploymentPhase::Operational),
+            failing_on("n0", "2.0.0", "uid-vision", DeploymentPhase::Failed),
+            failing_on("n1", "2.0.0", "uid-vision", DeploymentPhase::Failed),
+            failing_on("n2", "1.0.0", "uid-vision", DeploymentPhase::Failed),
+            failing_on("n3", "2.0.0", "uid-other", DeploymentPhase::Failed),
+            failing_on("n4", "2.0.0", "uid-vision", DeploymentPhase::Operational),
         ];
-        assert_eq!(failed_on("2.0.0", "uid-v", &mds), 2);
-        let s = spec(Some(IntOrString::Int(1)));
+        assert_eq!(failed_on("2.0.0", "uid-vision", &mds), 2);
+        let mut s = rollout(None).spec;
+        s.strategy = Some(StrategySpec { failure_threshold: Some(IntOrString::Int(1)), ..Default::default() });
         assert_eq!(
-            abort_decision(&s, None, "uid-v", &mds, 5),
+            abort_decision(&s, None, "uid-vision", &mds, 5),
             AbortDecision { aborted_version: Some("2.0.0".into()), newly: true, failed: 2 }
         );
         // Recorded before: stays aborted, not newly, even with the failures gone.
         assert_eq!(
-            abort_decision(&s, Some("2.0.0"), "uid-v", &[], 5),
+            abort_decision(&s, Some("2.0.0"), "uid-vision", &[], 5),
             AbortDecision { aborted_version: Some("2.0.0".into()), newly: false, failed: 0 }
         );
         // An abort of another version does not carry over to a new spec.version.
         assert_eq!(
-            abort_decision(&s, Some("1.0.0"), "uid-v", &mds[..1], 5),
+            abort_decision(&s, Some("1.0.0"), "uid-vision", &mds[..1], 5),
             AbortDecision { aborted_version: None, newly: false, failed: 1 }
         );
     }

@@ -2,6 +2,8 @@
 
 pub mod abort;
 pub mod convergence;
+#[cfg(test)]
+mod fixtures;
 pub mod rivals;
 pub mod scope;
 pub mod status;

