@@ -203,6 +203,31 @@ async fn invalid_specs_are_refused_with_a_message_naming_the_field() {
             with(base.clone(), "spec.source.repository", json!("https://reg/models/x")),
             &["spec.source.repository"],
         ),
+        (
+            "repository with a space",
+            with(base.clone(), "spec.source.repository", json!("reg:5000/models/target recognition")),
+            &["spec.source.repository", "OCI reference grammar"],
+        ),
+        (
+            "repository without a host",
+            with(base.clone(), "spec.source.repository", json!("/models/x")),
+            &["spec.source.repository", "registry host"],
+        ),
+        (
+            "repository with a port but no host",
+            with(base.clone(), "spec.source.repository", json!(":5000/models/x")),
+            &["spec.source.repository", "OCI reference grammar"],
+        ),
+        (
+            "repository whose first component is not a host",
+            with(base.clone(), "spec.source.repository", json!("models/x")),
+            &["spec.source.repository", "must start with a registry host"],
+        ),
+        (
+            "repository with an upper-case path",
+            with(base.clone(), "spec.source.repository", json!("reg:5000/Models/X")),
+            &["spec.source.repository", "no upper case"],
+        ),
     ];
     assert!(cases.len() >= 12);
     let mut failures = Vec::new();
@@ -222,6 +247,30 @@ async fn invalid_specs_are_refused_with_a_message_naming_the_field() {
         }
     }
     assert!(failures.is_empty(), "refusals not as expected:\n{}", failures.join("\n"));
+}
+
+#[tokio::test]
+async fn repositories_in_the_oci_reference_grammar_are_accepted() {
+    let ctx = support::ctx("api-repo-ok").await;
+    let api = rollouts(&ctx.client, &ctx.ns);
+    let accepted = [
+        "registry.example:5000/models/target-recognition",
+        "registry.example/models/target_recognition",
+        "localhost:5000/models/x",
+        "localhost/a/b",
+        "127.0.0.1:5000/models/x.v2",
+        "[::1]:5000/models/x__y",
+        "REGISTRY.Example:5000/models/a-b--c",
+    ];
+    let mut failures = Vec::new();
+    for repo in accepted {
+        let obj = with(valid_rollout("ok"), "spec.source.repository", json!(repo));
+        let obj: DynamicObject = serde_json::from_value(obj).unwrap();
+        if let Err(e) = api.create(&PostParams { dry_run: true, ..Default::default() }, &obj).await {
+            failures.push(format!("{repo}: {e}"));
+        }
+    }
+    assert!(failures.is_empty(), "valid repositories refused:\n{}", failures.join("\n"));
 }
 
 fn deployment(ns: &str, model: &str, node: &str) -> ModelDeployment {

@@ -91,7 +91,15 @@ pub struct ModelSource {
     /// (e.g. `registry.example:5000/models/target-recognition`; no tag or digest).
     #[x_kube(
         validation = Rule::new("self.size() > 0 && self.size() <= 255 && !self.contains('@') && !self.matches('^[^/]+/.*:[^/]*$') && !self.matches('^[a-zA-Z][a-zA-Z0-9+.-]*://')")
-            .message("repository must be a registry host and path without scheme, tag or digest, e.g. registry.example:5000/models/target-recognition")
+            .message("repository must be a registry host and path without scheme, tag or digest, e.g. registry.example:5000/models/target-recognition"),
+        // The OCI reference grammar (distribution/reference) for a name: host[:port], then lower-case
+        // path components. Without it a space or an upper-case path is accepted here and fails only
+        // when the controller resolves.
+        validation = Rule::new("self.matches('^(\\\\[[0-9a-fA-F:.]+\\\\]|[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?(\\\\.[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?)*)(:[0-9]+)?(/[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*)+$')")
+            .message("repository must follow the OCI reference grammar: a registry host[:port], then lower-case path components of letters and digits joined by '.', '_', '__' or '-' (no spaces, no upper case)"),
+        // A first component without '.' or ':' is not a host to OCI tools (they would prefix docker.io).
+        validation = Rule::new("self.matches('^(localhost(:[0-9]+)?|[^/]*[.:\\\\[][^/]*)/')")
+            .message("repository must start with a registry host: a name with a '.' or a port, an IP address, or localhost, e.g. registry.example:5000/models/target-recognition")
     )]
     #[schemars(length(max = 1024))]
     pub repository: String,
