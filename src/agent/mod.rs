@@ -1,5 +1,5 @@
 //! `peat agent`: one per node. Watches the node's ModelDeployments (field selector on
-//! `spec.nodeName`), pulls and verifies the chosen variant into the store, activates it atomically,
+//! `spec.nodeName`, or the `peat.dev/node` label on servers without CRD selectable fields), pulls and verifies the chosen variant into the store, activates it atomically,
 //! keeps earlier versions for instant rollback, reports status, publishes the node's ModelNode and
 //! labels the Node with its Operational models.
 //!
@@ -80,7 +80,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let (cache, writer) = reflector::store();
     let api: Api<ModelDeployment> = Api::all(client.clone());
-    let wc = watcher::Config::default().fields(&format!("spec.nodeName={}", opts.node_name));
+    let wc = node::deployments_selector(&client, &opts.node_name).await?;
     let watch = {
         let tx = events_tx.clone();
         // Every event (deletions too) wakes the loop.

@@ -89,3 +89,52 @@ pub(super) async fn follow_capability_annotations(
         }
     }
 }
+
+/// How the agent selects its ModelDeployments: by the `spec.nodeName` field where the API server
+/// supports CRD selectable fields (Kubernetes 1.32+, beta in 1.31), else by the `peat.dev/node`
+/// label the controller sets (node names of at most 63 characters, the limit of a label value).
+/// Decided once at start by asking the server; a refusal of the field names the fallback in the log.
+pub(super) async fn deployments_selector(client: &Client, node: &str) -> anyhow::Result<watcher::Config> {
+    use crate::api::ModelDeployment;
+    use crate::api::shared::LABEL_NODE;
+    use kube::api::ListParams;
+    let api: Api<ModelDeployment> = Api::all(client.clone());
+    let by_field = format!("spec.nodeName={node}");
+    let mut wait = Duration::from_secs(1);
+    loop {
+        match api.list_metadata(&ListParams::default().fields(&by_field).limit(1)).await {
+            Ok(_) => return Ok(watcher::Config::default().fields(&by_field)),
+            Err(kube::Error::Api(s)) if field_selector_unsupported(s.code, &s.message) => {
+                if node.len() > 63 {
+                    anyhow::bail!(
+                        "this API server cannot select ModelDeployments by spec.nodeName (CRD selectable fields need \
+                         Kubernetes 1.32+), and the node name {node:?} is longer than the 63 characters of the \
+                         {LABEL_NODE} label: upgrade the cluster or use a shorter node name"
+                    );
+                }
+                info!(node, "the API server has no CRD selectable fields: selecting ModelDeployments by the {LABEL_NODE} label");
+                return Ok(watcher::Config::default().labels(&format!("{LABEL_NODE}={node}")));
+            }
+            Err(e) => {
+                warn!(node, error = %e, retry_in = ?wait, "asking the API server how to select ModelDeployments failed");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// The API server's answer to a field selector on a field the CRD does not make selectable.
+fn field_selector_unsupported(code: u16, message: &str) -> bool {
+    code == 400 && message.contains("field label not supported")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_a_refused_field_label_means_no_selectable_fields() {
+        assert!(super::field_selector_unsupported(400, "field label not supported: spec.nodeName"));
+        assert!(!super::field_selector_unsupported(403, "forbidden"));
+        assert!(!super::field_selector_unsupported(400, "unable to parse requirement"));
+    }
+}
