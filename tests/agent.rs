@@ -88,6 +88,19 @@ impl Setup {
 
     /// Applies a rollout whose repository is reached at `host` (the registry, or a proxy in front of it).
     async fn apply_via(&self, host: &str, model: &str, version: &str, nodes: &[&AgentProc], extra: serde_json::Value) {
+        self.apply_named(model, host, model, version, nodes, extra).await
+    }
+
+    /// Applies the rollout `name` (the other `apply`s name it after the model).
+    async fn apply_named(
+        &self,
+        name: &str,
+        host: &str,
+        model: &str,
+        version: &str,
+        nodes: &[&AgentProc],
+        extra: serde_json::Value,
+    ) {
         let api: Api<ModelRollout> = Api::namespaced(self.ctx.client.clone(), &self.ctx.ns);
         let mut spec = json!({
             "model": model,
@@ -98,8 +111,8 @@ impl Setup {
         if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
             spec.extend(extra.clone());
         }
-        let obj = json!({"apiVersion": "peat.dev/v1alpha1", "kind": "ModelRollout", "metadata": {"name": model}, "spec": spec});
-        api.patch(model, &PatchParams::apply("peat-test").force(), &Patch::Apply(&obj)).await.expect("applying");
+        let obj = json!({"apiVersion": "peat.dev/v1alpha1", "kind": "ModelRollout", "metadata": {"name": name}, "spec": spec});
+        api.patch(name, &PatchParams::apply("peat-test").force(), &Patch::Apply(&obj)).await.expect("applying");
     }
 
     async fn converged(&self, model: &str, version: &str, agents: &[&AgentProc]) -> ModelRollout {
@@ -274,7 +287,7 @@ async fn variants_per_node_upgrade_and_rollback_without_bytes() {
 
     // Rollback to the kept version: no blob leaves the registry.
     let served = s.registry.blob_bytes_served();
-    s.apply("vision", "1.0.0", &agents, json!({})).await;
+    s.apply("vision", "1.0.0", &agents, json!({"deletionPolicy": "Delete"})).await;
     s.converged("vision", "1.0.0", &agents).await;
     for (agent, files) in [(&gpu, &v1_cuda), (&arm, &v1_cpu), (&small, &v1_cpu)] {
         assert_active(&agent.store, "vision", "1.0.0", files);
@@ -283,7 +296,8 @@ async fn variants_per_node_upgrade_and_rollback_without_bytes() {
     }
     assert_eq!(s.registry.blob_bytes_served(), served, "a rollback to a kept version moves no bytes");
 
-    // Deleting the rollout removes the model from the stores and the label from the Nodes.
+    // Deleting a rollout with deletionPolicy Delete removes the model from the stores and the label
+    // from the Nodes.
     let api: Api<ModelRollout> = Api::namespaced(s.ctx.client.clone(), &s.ctx.ns);
     api.delete("vision", &Default::default()).await.unwrap();
     support::eventually("models removed from the stores", T, || async {
@@ -676,4 +690,106 @@ async fn layer_sizes_that_overflow_are_refused_with_a_message() {
     push_files(&s.repo("fine"), "1.0.0", cpu("int8-cpu"), &[("model.onnx", pseudo_random(44, 2048))]).await;
     s.apply("fine", "1.0.0", &[&agent], json!({})).await;
     s.converged("fine", "1.0.0", &[&agent]).await;
+}
+
+/// The node's `models.peat.dev/<model>` label, if any.
+async fn model_label(s: &Setup, agent: &AgentProc, model: &str) -> Option<String> {
+    let nodes: Api<Node> = Api::all(s.ctx.client.clone());
+    let labels = nodes.get(&agent.node).await.unwrap().metadata.labels.unwrap_or_default();
+    labels.get(&format!("models.peat.dev/{model}")).cloned()
+}
+
+#[tokio::test]
+async fn the_scheduling_label_stays_on_the_active_version_through_a_slow_paused_and_failed_upgrade() {
+    let s = setup("agent-label").await;
+    let v1 = vec![("model.onnx", pseudo_random(31, MI))];
+    let v2 = vec![("model.onnx", pseudo_random(32, 32 * MI))];
+    let v3 = vec![("model.onnx", pseudo_random(33, MI))];
+    for (v, files) in [("1.0.0", &v1), ("2.0.0", &v2), ("3.0.0", &v3)] {
+        push_files(&s.repo("m"), v, cpu("int8-cpu"), files).await;
+    }
+    let link = CountingProxy::start(&s.registry.addr).await;
+    let agent = s.agent("n", &[]).await;
+    s.apply_via(&link.addr, "m", "1.0.0", &[&agent], json!({})).await;
+    s.converged("m", "1.0.0", &[&agent]).await;
+    assert_eq!(model_label(&s, &agent, "m").await.as_deref(), Some("1.0.0"));
+
+    // A slow upgrade: while 2.0.0 downloads, 1.0.0 is active and the label says so.
+    link.set_rate(4 * MI as u64);
+    s.apply_via(&link.addr, "m", "2.0.0", &[&agent], json!({})).await;
+    s.deployment_where("m", &agent, "2.0.0 downloading", |m| {
+        m.spec.version == "2.0.0" && m.status.as_ref().is_some_and(|st| st.bytes_done > 0)
+    })
+    .await;
+    assert_eq!(model_label(&s, &agent, "m").await.as_deref(), Some("1.0.0"), "while downloading");
+    s.apply_via(&link.addr, "m", "2.0.0", &[&agent], json!({"paused": true})).await;
+    s.deployment_where("m", &agent, "paused", |m| {
+        m.status.as_ref().and_then(|st| st.message.as_deref()).is_some_and(|msg| msg.contains("paused"))
+    })
+    .await;
+    assert_eq!(model_label(&s, &agent, "m").await.as_deref(), Some("1.0.0"), "while paused");
+
+    // A failed upgrade: 1.0.0 stays active and labelled.
+    link.set_rate(u64::MAX);
+    tamper(&s.registry, &peat::oci::digest::sha256_digest(&v3[0].1));
+    s.apply_via(&link.addr, "m", "3.0.0", &[&agent], json!({})).await;
+    s.deployment_where("m", &agent, "3.0.0 failed", |m| {
+        m.spec.version == "3.0.0" && phase(m) == Some(DeploymentPhase::Failed)
+    })
+    .await;
+    assert_eq!(model_label(&s, &agent, "m").await.as_deref(), Some("1.0.0"), "after a failed upgrade");
+    assert_active(&agent.store, "m", "1.0.0", &v1);
+
+    // The label switches at activation.
+    s.apply_via(&link.addr, "m", "2.0.0", &[&agent], json!({})).await;
+    s.converged("m", "2.0.0", &[&agent]).await;
+    support::eventually("the label switched to 2.0.0", T, || async {
+        (model_label(&s, &agent, "m").await.as_deref() == Some("2.0.0")).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn deleting_a_rollout_keeps_the_active_model_which_a_new_rollout_adopts_without_a_transfer() {
+    let s = setup("agent-retain").await;
+    let v1 = vec![("model.onnx", pseudo_random(41, 2 * MI)), ("config.json", b"{}".to_vec())];
+    push_files(&s.repo("m"), "1.0.0", cpu("int8-cpu"), &v1).await;
+    let agent = s.agent("n", &[]).await;
+    s.apply("m", "1.0.0", &[&agent], json!({})).await;
+    s.converged("m", "1.0.0", &[&agent]).await;
+
+    // Deleted (as an Argo CD prune would): the default deletionPolicy Retain keeps the active version.
+    let rollouts: Api<ModelRollout> = Api::namespaced(s.ctx.client.clone(), &s.ctx.ns);
+    rollouts.delete("m", &Default::default()).await.unwrap();
+    let mds: Api<ModelDeployment> = Api::namespaced(s.ctx.client.clone(), &s.ctx.ns);
+    let md_name = ModelDeployment::name_for("m", &agent.node);
+    support::eventually("the ModelDeployment collected", T, || async {
+        matches!(mds.get_opt(&md_name).await, Ok(None)).then_some(())
+    })
+    .await;
+    let mns: Api<ModelNode> = Api::all(s.ctx.client.clone());
+    let inventory = support::eventually("the ModelNode lists m as retained", T, || async {
+        let st = mns.get(&agent.node).await.ok()?.status?;
+        st.models.iter().any(|m| m.model == "m" && m.active && m.retained).then_some(st)
+    })
+    .await;
+    assert_eq!(inventory.models_summary.as_deref(), Some("m=1.0.0"));
+    assert_active(&agent.store, "m", "1.0.0", &v1);
+    assert_eq!(model_label(&s, &agent, "m").await.as_deref(), Some("1.0.0"), "still schedulable");
+
+    // A new rollout of the model (a rename) adopts it: no byte from the registry.
+    let served = s.registry.blob_bytes_served();
+    s.apply_named("m-renamed", &s.registry.addr, "m", "1.0.0", &[&agent], json!({})).await;
+    let r = support::wait_rollout(&s.ctx.client, &s.ctx.ns, "m-renamed", "converged", T, |r| {
+        r.status.as_ref().is_some_and(|st| st.phase == RolloutPhase::Converged && st.converged == 1)
+    })
+    .await;
+    assert_eq!(r.status.unwrap().resolved_version.as_deref(), Some("1.0.0"));
+    assert_eq!(s.deployment("m", &agent).await.status.unwrap().bytes_done, 0, "adopted, not fetched");
+    assert_eq!(s.registry.blob_bytes_served(), served, "adoption moves no bytes");
+    support::eventually("m managed again", T, || async {
+        let st = mns.get(&agent.node).await.ok()?.status?;
+        st.models.iter().any(|m| m.model == "m" && m.active && !m.retained).then_some(())
+    })
+    .await;
 }

@@ -28,7 +28,9 @@ async fn an_agent_on_a_server_without_selectable_fields_selects_its_deployments_
         v.as_object_mut().unwrap().remove("selectableFields");
     }
     let name = crd["metadata"]["name"].as_str().unwrap().to_string();
-    crds.patch(&name, &PatchParams::apply("peat-testenv").force(), &Patch::Apply(&crd)).await.expect("patching the CRD");
+    crds.patch(&name, &PatchParams::apply("peat-testenv").force(), &Patch::Apply(&crd))
+        .await
+        .expect("patching the CRD");
     let deployments: Api<ModelDeployment> = Api::all(ctx.client.clone());
     let refusal = support::eventually("the field selector refused", T, || {
         let deployments = deployments.clone();
@@ -57,17 +59,16 @@ async fn an_agent_on_a_server_without_selectable_fields_selects_its_deployments_
     });
     let rollouts: Api<ModelRollout> = Api::namespaced(ctx.client.clone(), &ctx.ns);
     rollouts.patch("classifier", &PatchParams::apply("peat-test"), &Patch::Apply(&rollout)).await.expect("applying");
-    let converged = support::eventually("the rollout converged", T, || {
-        let rollouts = rollouts.clone();
-        async move {
-            rollouts
-                .get("classifier")
-                .await
-                .ok()
-                .filter(|r| r.status.as_ref().is_some_and(|s| s.phase == RolloutPhase::Converged && s.converged == 1))
-        }
-    })
-    .await;
+    let converged =
+        support::eventually("the rollout converged", T, || {
+            let rollouts = rollouts.clone();
+            async move {
+                rollouts.get("classifier").await.ok().filter(|r| {
+                    r.status.as_ref().is_some_and(|s| s.phase == RolloutPhase::Converged && s.converged == 1)
+                })
+            }
+        })
+        .await;
     assert_eq!(converged.status.unwrap().resolved_version.as_deref(), Some("1.0.0"));
     let current = agent.store.join("models/classifier/current");
     assert_eq!(std::fs::read_link(&current).unwrap().to_str(), Some("1.0.0"), "{}", agent.log_tail());

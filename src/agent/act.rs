@@ -162,10 +162,33 @@ impl Loop {
                 };
                 match removed {
                     Ok(()) => {
-                        info!(%model, "removed: no ModelDeployment wants it any more");
+                        info!(%model, "removed: no ModelDeployment holds it (deletionPolicy Delete, or none of it active)");
                         agent.inventory_changed.notify_one();
                     }
                     Err(e) => warn!(%model, error = %e, "removing an unwanted model failed"),
+                }
+            }
+            Action::Hold { model, policy } => {
+                let held = {
+                    let _guard = agent.store_lock.lock().await;
+                    agent.store.hold(&model, policy)
+                };
+                match held {
+                    Ok(()) => agent.inventory_changed.notify_one(),
+                    Err(e) => warn!(%model, error = %e, "recording the model's deletion policy failed"),
+                }
+            }
+            Action::Retain(model) => {
+                let retained = {
+                    let _guard = agent.store_lock.lock().await;
+                    agent.store.retain(&model)
+                };
+                match retained {
+                    Ok(()) => {
+                        info!(%model, "retained: no ModelDeployment holds it; the active version stays, unmanaged");
+                        agent.inventory_changed.notify_one();
+                    }
+                    Err(e) => warn!(%model, error = %e, "recording a retained model failed"),
                 }
             }
             Action::CollectGarbage { keep, partials } => {
@@ -344,6 +367,8 @@ async fn fetch_and_activate(
             .materialize(&md.spec.model, &record)
             .and_then(|()| agent.store.activate(&md.spec.model, &md.spec.version))
             .and_then(|()| agent.store.prune(&md.spec.model, agent.opts.keep_versions).map(|_| ()))
+            // With the activation, so a deletion right after it is handled by the holder's policy.
+            .and_then(|()| agent.store.hold(&md.spec.model, md.spec.deletion_policy))
     };
     agent.inventory_changed.notify_one();
     debug!(md = %key_of(md), elapsed = ?started.elapsed(), "activated");

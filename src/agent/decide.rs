@@ -13,7 +13,7 @@ use kube::ResourceExt;
 use super::store::{ModelState, is_safe_component};
 use super::transfer::{PullPlan, TransferError};
 use crate::api::shared::NODE_MODEL_LABEL_PREFIX;
-use crate::api::{BlockerReason, DeploymentPhase, ModelDeployment, Priority};
+use crate::api::{BlockerReason, DeletionPolicy, DeploymentPhase, ModelDeployment, Priority};
 
 /// Bytes of one transfer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -151,8 +151,17 @@ pub enum Action {
         /// Why.
         why: StopReason,
     },
-    /// Remove a model no deployment wants any more.
+    /// Remove a model no deployment wants any more (its holder said `Delete`, or nothing of it is active).
     RemoveModel(String),
+    /// Record on disk that a deployment holds the model, and what to do when none does.
+    Hold {
+        /// The model.
+        model: String,
+        /// The holder's deletion policy.
+        policy: DeletionPolicy,
+    },
+    /// Keep a model no deployment holds any more (`Retain`): active, labelled, unmanaged.
+    Retain(String),
     /// Remove blobs not in `keep`, and partial downloads when `partials`.
     CollectGarbage {
         /// Layer digests still needed.
@@ -192,7 +201,6 @@ pub fn decide(known: &Known<'_>, memory: &mut Memory) -> Vec<Action> {
     mds.sort_by(|a, b| (&a.metadata.creation_timestamp, key_of(a)).cmp(&(&b.metadata.creation_timestamp, key_of(b))));
     let mut holders: BTreeMap<&str, &Arc<ModelDeployment>> = BTreeMap::new();
     let mut wanted: Vec<&Arc<ModelDeployment>> = Vec::new();
-    let mut operational: BTreeMap<String, String> = BTreeMap::new();
     // Deployments that still need bytes (running, queued, paused, retrying): their partials stay.
     let mut unsettled: Vec<String> = Vec::new();
     for md in &mds {
@@ -205,6 +213,11 @@ pub fn decide(known: &Known<'_>, memory: &mut Memory) -> Vec<Action> {
             continue;
         }
         holders.insert(&md.spec.model, md);
+        if let Some((state, _)) = known.inventory.get(&md.spec.model)
+            && (state.on_release != md.spec.deletion_policy || state.retained)
+        {
+            actions.push(Action::Hold { model: md.spec.model.clone(), policy: md.spec.deletion_policy });
+        }
         let t = memory.entry(key.clone()).or_default();
         if t.artifact != md.spec.artifact {
             *t = Tracked { artifact: md.spec.artifact.clone(), ..Default::default() };
@@ -224,11 +237,7 @@ pub fn decide(known: &Known<'_>, memory: &mut Memory) -> Vec<Action> {
             actions.push(Action::Report((*md).clone(), report));
         }
         match settled {
-            Settled::Active => {
-                if let Some(v) = label_value(&md.spec.version) {
-                    operational.insert(format!("{NODE_MODEL_LABEL_PREFIX}{}", md.spec.model), v);
-                }
-            }
+            Settled::Active => {}
             Settled::Switching => actions.push(Action::SwitchToKept((*md).clone())),
             Settled::NeedsTransfer => {
                 unsettled.push(key);
@@ -251,9 +260,28 @@ pub fn decide(known: &Known<'_>, memory: &mut Memory) -> Vec<Action> {
     memory.retain(|k, _| present.contains_key(k));
     // Garbage: models nobody holds; blobs outside every known plan and running transfer; partials
     // only when the plan of every deployment that still needs bytes is known (else whose they are is not).
-    for model in known.inventory.keys().filter(|m| !holders.contains_key(m.as_str())) {
-        actions.push(Action::RemoveModel(model.clone()));
+    // Models nobody holds: removed when their last holder said Delete or nothing of them is active;
+    // else kept, unmanaged (Retain).
+    let mut removed: HashSet<&str> = HashSet::new();
+    for (model, (state, current)) in known.inventory.iter().filter(|(m, _)| !holders.contains_key(m.as_str())) {
+        if state.on_release == DeletionPolicy::Delete || current.is_none() {
+            removed.insert(model);
+            actions.push(Action::RemoveModel(model.clone()));
+        } else if !state.retained {
+            actions.push(Action::Retain(model.clone()));
+        }
     }
+    // The scheduling label names the active version of every model on disk (held or retained), so
+    // it stays while an upgrade downloads, is paused or fails, and switches only at activation.
+    let operational: BTreeMap<String, String> = known
+        .inventory
+        .iter()
+        .filter(|(m, _)| !removed.contains(m.as_str()))
+        .filter_map(|(m, (state, current))| {
+            let v = current.as_deref().filter(|v| state.get(v).is_some())?;
+            Some((format!("{NODE_MODEL_LABEL_PREFIX}{m}"), label_value(v)?))
+        })
+        .collect();
     let mut keep: HashSet<String> = memory.values().filter_map(|t| t.plan.as_ref()).flat_map(|p| p.digests()).collect();
     keep.extend(known.running_layers.iter().cloned());
     let partials = unsettled.iter().all(|k| memory.get(k).is_some_and(|t| t.plan.is_some()));

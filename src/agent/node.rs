@@ -112,7 +112,10 @@ pub(super) async fn deployments_selector(client: &Client, node: &str) -> anyhow:
                          {LABEL_NODE} label: upgrade the cluster or use a shorter node name"
                     );
                 }
-                info!(node, "the API server has no CRD selectable fields: selecting ModelDeployments by the {LABEL_NODE} label");
+                info!(
+                    node,
+                    "the API server has no CRD selectable fields: selecting ModelDeployments by the {LABEL_NODE} label"
+                );
                 return Ok(watcher::Config::default().labels(&format!("{LABEL_NODE}={node}")));
             }
             Err(e) => {

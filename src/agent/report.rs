@@ -103,6 +103,7 @@ async fn write_heartbeat(agent: &Agent) -> anyhow::Result<()> {
                 version: v.version.clone(),
                 digest: Some(v.digest.clone()),
                 active,
+                retained: state.retained,
             });
         }
     }

@@ -16,6 +16,7 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::api::DeletionPolicy;
 use crate::oci::digest::digest_hex;
 
 /// One file of a version on disk.
@@ -46,9 +47,17 @@ pub struct VersionRecord {
 
 /// What the store holds of one model.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ModelState {
     /// Versions on disk.
     pub versions: Vec<VersionRecord>,
+    /// What to do when no ModelDeployment holds the model any more (the holder's policy, recorded
+    /// on disk so that a deletion seen only after an agent restart is still honoured).
+    #[serde(default)]
+    pub on_release: DeletionPolicy,
+    /// Held by no ModelDeployment and kept (`Retain`): unmanaged until a rollout adopts it.
+    #[serde(default)]
+    pub retained: bool,
 }
 
 impl ModelState {
@@ -306,6 +315,21 @@ impl Store {
         state.versions.retain(|v| !drop.contains(&v.version));
         self.save_state(model, &state)?;
         Ok(drop)
+    }
+
+    /// Records that a ModelDeployment holds `model` with `policy` (no longer retained, if it was).
+    pub fn hold(&self, model: &str, policy: DeletionPolicy) -> io::Result<()> {
+        let mut state = self.state(model);
+        state.on_release = policy;
+        state.retained = false;
+        self.save_state(model, &state)
+    }
+
+    /// Records that no ModelDeployment holds `model` and that it stays (unmanaged).
+    pub fn retain(&self, model: &str) -> io::Result<()> {
+        let mut state = self.state(model);
+        state.retained = true;
+        self.save_state(model, &state)
     }
 
     /// Removes everything of `model`: its versions and `current`.

@@ -4,7 +4,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use super::shared::{BlockerReason, DeploymentPhase, Priority};
+use super::shared::{BlockerReason, DeletionPolicy, DeploymentPhase, Priority};
 
 /// One model on one node: what the node should hold, and (in status) what it holds.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -75,6 +75,10 @@ pub struct ModelDeploymentSpec {
     /// Halt the transfer (it resumes where it stopped).
     #[serde(default)]
     pub paused: bool,
+
+    /// What the node does with the model once no ModelDeployment holds it (from the rollout).
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
 }
 
 fn default_true() -> bool {

@@ -16,7 +16,7 @@ pub use rollout::{
     AllNodes, Blocker, CapableScope, DeltaSpec, HistoryEntry, LabelRequirement, ModelRollout, ModelRolloutSpec,
     ModelRolloutStatus, ModelSource, NodeSelector, ScopeSpec, SelectorOperator, StrategySpec, VariantSpec,
 };
-pub use shared::{BlockerReason, DeploymentPhase, Priority, RolloutPhase};
+pub use shared::{BlockerReason, DeletionPolicy, DeploymentPhase, Priority, RolloutPhase};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;

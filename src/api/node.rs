@@ -97,4 +97,8 @@ pub struct NodeModel {
     /// Whether this version is the active one.
     #[serde(default)]
     pub active: bool,
+    /// Kept after the rollout that managed it was deleted (`deletionPolicy: Retain`): no rollout
+    /// manages it now; a new rollout of the model adopts it without a transfer.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retained: bool,
 }

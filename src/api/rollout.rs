@@ -7,7 +7,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use super::shared::{BlockerReason, Priority, RolloutPhase};
+use super::shared::{BlockerReason, DeletionPolicy, Priority, RolloutPhase};
 
 /// Roll model M, version V, out to a set of nodes.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -81,6 +81,11 @@ pub struct ModelRolloutSpec {
     /// Halt transfers (they resume, without losing progress, when set back to false).
     #[serde(default)]
     pub paused: bool,
+
+    /// What the nodes do with the model when this rollout is deleted: `Retain` (default: the
+    /// active version stays, labelled, unmanaged; a new rollout of the model adopts it) or `Delete`.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
 }
 
 /// Where the model's artifacts live.

@@ -19,6 +19,18 @@ pub const LABEL_FORMATION: &str = "peat.dev/formation";
 /// Prefix of the Node label the agent sets while a model is Operational: `models.peat.dev/<model>=<version>`.
 pub const NODE_MODEL_LABEL_PREFIX: &str = "models.peat.dev/";
 
+/// What happens to the models on the nodes when their ModelRollout is deleted (or pruned, or renamed).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub enum DeletionPolicy {
+    /// The default: the active version stays on each node, its `models.peat.dev/<model>` label too,
+    /// no longer managed (the ModelNode lists it as retained); a later rollout of the same model
+    /// adopts it without a transfer.
+    #[default]
+    Retain,
+    /// Each node removes the model (every version) and its label.
+    Delete,
+}
+
 /// How urgent a rollout is. Higher priorities win a node when rollouts compete, and the agent
 /// pulls them first (Critical preempts lower transfers).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]

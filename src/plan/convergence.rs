@@ -232,6 +232,7 @@ mod tests {
                 delta: true,
                 max_size_bytes: None,
                 paused: false,
+                deletion_policy: Default::default(),
             },
         );
         m.status = status;

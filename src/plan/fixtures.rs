@@ -25,6 +25,7 @@ pub(crate) fn rollout(max_parallel: Option<IntOrString>) -> ModelRollout {
             strategy: Some(StrategySpec { max_parallel, failure_threshold: None, auto_rollback: false }),
             delta: None,
             paused: false,
+            deletion_policy: Default::default(),
         },
     );
     r.metadata.namespace = Some("ml".into());
@@ -54,6 +55,7 @@ pub(crate) fn owned(
             delta: true,
             max_size_bytes: None,
             paused: false,
+            deletion_policy: Default::default(),
         },
     );
     md.metadata.namespace = Some("ml".into());

@@ -260,6 +260,7 @@ mod tests {
                 strategy: None,
                 delta: None,
                 paused,
+                deletion_policy: Default::default(),
             },
         );
         r.metadata.generation = Some(7);

@@ -145,6 +145,7 @@ pub fn deployment_spec(
         delta: spec.delta.as_ref().is_none_or(|d| d.enabled),
         max_size_bytes: spec.variant.as_ref().and_then(|v| v.max_size_bytes),
         paused: spec.paused,
+        deletion_policy: spec.deletion_policy,
     }
 }
 
@@ -157,6 +158,7 @@ fn refreshed(existing: &ModelDeploymentSpec, spec: &ModelRolloutSpec) -> ModelDe
         delta: spec.delta.as_ref().is_none_or(|d| d.enabled),
         max_size_bytes: spec.variant.as_ref().and_then(|v| v.max_size_bytes),
         paused: spec.paused,
+        deletion_policy: spec.deletion_policy,
         ..existing.clone()
     }
 }
