@@ -793,3 +793,40 @@ async fn deleting_a_rollout_keeps_the_active_model_which_a_new_rollout_adopts_wi
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_full_store_evicts_kept_versions_to_make_room_and_keeps_the_active_one() {
+    let s = setup("agent-evict").await;
+    let a1 = vec![("model.onnx", pseudo_random(51, 4 * MI))];
+    let a2 = vec![("model.onnx", pseudo_random(52, 4 * MI))];
+    let b1 = vec![("model.onnx", pseudo_random(53, 5 * MI))];
+    push_files(&s.repo("a"), "1.0.0", cpu("int8-cpu"), &a1).await;
+    push_files(&s.repo("a"), "2.0.0", cpu("int8-cpu"), &a2).await;
+    push_files(&s.repo("b"), "1.0.0", cpu("int8-cpu"), &b1).await;
+    let store = s.dir.join("store-small");
+    let _tmpfs = Tmpfs::mount(&store, "12m");
+    let node = s.node("small");
+    create_node(&s.ctx.client, &node, &[]).await;
+    let agent = start_agent(&node, &store, &[]);
+    s.apply("a", "1.0.0", &[&agent], json!({})).await;
+    s.converged("a", "1.0.0", &[&agent]).await;
+    s.apply("a", "2.0.0", &[&agent], json!({})).await;
+    s.converged("a", "2.0.0", &[&agent]).await;
+    assert!(store.join("models/a/1.0.0").is_dir(), "1.0.0 kept for rollback");
+    let mns: Api<ModelNode> = Api::all(s.ctx.client.clone());
+    let st = support::eventually("the kept version reported as reclaimable", T, || async {
+        mns.get(&node).await.ok()?.status.filter(|st| st.storage_reclaimable_bytes == 4 * MI as i64)
+    })
+    .await;
+    assert!(st.storage_free_bytes < 5 * MI as i64, "b does not fit without eviction: {st:?}");
+
+    // b needs 5 MiB: only evicting a 1.0.0 (the kept, not active, version) makes room.
+    s.apply("b", "1.0.0", &[&agent], json!({})).await;
+    s.converged("b", "1.0.0", &[&agent]).await;
+    assert_active(&store, "b", "1.0.0", &b1);
+    assert_active(&store, "a", "2.0.0", &a2);
+    assert!(!store.join("models/a/1.0.0").exists(), "the kept version was evicted");
+    let a1_blob = peat::oci::digest::sha256_digest(&a1[0].1);
+    assert!(!store.join(format!("blobs/sha256/{}", &a1_blob[7..])).exists(), "with its blob");
+    assert!(std::fs::read_to_string(&agent.log).unwrap().contains("evicted kept versions to make room"));
+}

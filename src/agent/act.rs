@@ -338,6 +338,8 @@ async fn fetch_and_activate(
         in_flight: &agent.in_flight,
         delta: md.spec.delta,
         model: &md.spec.model,
+        store_lock: &agent.store_lock,
+        pinned: &agent.pinned,
     };
     let fetched = transfer::fetch_layers(&t, plan).await;
     // Stopped and awaited, so no progress write lands after the final status.

@@ -62,6 +62,11 @@ pub struct ModelNodeStatus {
     #[serde(default)]
     pub storage_free_bytes: i64,
 
+    /// Bytes the agent frees, when a transfer needs them, by evicting kept versions that are not
+    /// active (least recently active first): counted as available when placing a model.
+    #[serde(default)]
+    pub storage_reclaimable_bytes: i64,
+
     /// Size of the filesystem of the agent's store, in bytes.
     #[serde(default)]
     pub storage_total_bytes: i64,
@@ -81,6 +86,13 @@ pub struct ModelNodeStatus {
     /// Active models as `model=version,…`, for `kubectl get`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub models_summary: Option<String>,
+}
+
+impl ModelNodeStatus {
+    /// Bytes a transfer can have: free, plus what evicting kept, non-active versions frees.
+    pub fn storage_available_bytes(&self) -> u64 {
+        (self.storage_free_bytes.max(0) as u64).saturating_add(self.storage_reclaimable_bytes.max(0) as u64)
+    }
 }
 
 /// One model version held by a node.

@@ -175,7 +175,8 @@ fn model_node_fingerprint(timeout: Duration) -> impl Fn(&ModelNode) -> Option<u6
             entry.0 = hb;
         }
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        (s.arch, s.gpus, s.gpu_memory_bytes, s.providers, s.storage_free_bytes / (64 << 20), entry.1).hash(&mut h);
+        let available = s.storage_available_bytes() / (64 << 20);
+        (s.arch, s.gpus, s.gpu_memory_bytes, s.providers, available, entry.1).hash(&mut h);
         Some(h.finish())
     }
 }

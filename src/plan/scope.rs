@@ -153,7 +153,7 @@ impl CapableMinimums {
         let gpu_ok = self.min_gpu_memory.is_none_or(|min| caps.gpu_memory_bytes.max(0) as u64 >= min);
         let arch_ok =
             self.arch.as_ref().is_none_or(|want| caps.arch.as_deref().map(normalize_arch).as_ref() == Some(want));
-        let storage_ok = self.min_storage.is_none_or(|min| caps.storage_free_bytes.max(0) as u64 >= min);
+        let storage_ok = self.min_storage.is_none_or(|min| caps.storage_available_bytes() >= min);
         gpu_ok && arch_ok && storage_ok
     }
 }

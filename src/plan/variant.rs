@@ -126,13 +126,17 @@ pub fn select_variant<'a>(
         candidates = small;
     }
 
-    let free = node.storage_free_bytes.max(0) as u64;
+    let free = node.storage_available_bytes();
     let stored: Vec<_> = candidates.iter().copied().filter(|v| v.size <= free).collect();
     if stored.is_empty() {
         let least = candidates.iter().map(|v| v.size).min().unwrap_or_default();
         return Err(blocked(
             BlockerReason::InsufficientStorage,
-            format!("needs {}, {} free", human_bytes(least), human_bytes(free)),
+            format!(
+                "needs {}, {} free (counting kept versions the node may evict)",
+                human_bytes(least),
+                human_bytes(free)
+            ),
         ));
     }
 

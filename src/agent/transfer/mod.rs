@@ -57,7 +57,20 @@ pub async fn fetch_layers(t: &Transfer<'_>, plan: &PullPlan) -> Result<(), Trans
     t.progress.reused.store(reused, Ordering::Relaxed);
     t.progress.fetched.store(fetched_before, Ordering::Relaxed);
     let needed: u64 = missing.iter().map(|f| f.size).sum::<u64>() - fetched_before;
-    let (free, _) = t.store.space(t.capacity)?;
+    let (mut free, _) = t.store.space(t.capacity)?;
+    if needed > free {
+        // Disk pressure: kept versions that are not active go (least recently active first) when
+        // that makes room; never the active one, nor a layer some running transfer needs.
+        let protect: HashSet<String> = t.pinned.lock().expect("pinned lock").values().flatten().cloned().collect();
+        let evicted = {
+            let _guard = t.store_lock.lock().await;
+            t.store.evict_for(needed, free, &protect)?
+        };
+        if !evicted.is_empty() {
+            tracing::info!(?evicted, needed, free, "evicted kept versions to make room");
+            free = t.store.space(t.capacity)?.0;
+        }
+    }
     if needed > free {
         discard_partials(t.store, t.in_flight, plan);
         return Err(TransferError::InsufficientStorage { needed, free });

@@ -1,6 +1,7 @@
 //! What a running transfer shares: its source, store, limits, progress counters and the
 //! agent-wide lock per layer digest.
 
+use std::collections::HashSet;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
@@ -64,6 +65,10 @@ pub struct Transfer<'a> {
     pub delta: bool,
     /// The model (its earlier versions' files are indexed for delta transfers).
     pub model: &'a str,
+    /// Serializes changes of the store's model directories (eviction takes it).
+    pub store_lock: &'a tokio::sync::Mutex<()>,
+    /// Layer digests of every running transfer's plan: eviction leaves them.
+    pub pinned: &'a std::sync::Mutex<std::collections::HashMap<String, HashSet<String>>>,
 }
 
 /// One download per layer digest at a time, agent-wide: two transfers sharing a layer (a common
