@@ -730,7 +730,7 @@ async fn the_scheduling_label_stays_on_the_active_version_through_a_slow_paused_
     assert_eq!(model_label(&s, &agent, "m").await.as_deref(), Some("1.0.0"), "while paused");
 
     // A failed upgrade: 1.0.0 stays active and labelled.
-    link.set_rate(u64::MAX);
+    link.set_rate(0); // unlimited
     tamper(&s.registry, &peat::oci::digest::sha256_digest(&v3[0].1));
     s.apply_via(&link.addr, "m", "3.0.0", &[&agent], json!({})).await;
     s.deployment_where("m", &agent, "3.0.0 failed", |m| {

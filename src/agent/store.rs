@@ -10,7 +10,7 @@
 //! A version directory appears by one rename of a complete staging directory, so a version dir
 //! that exists is whole; `current` only ever points at such a directory.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::io;
 use std::path::{Component, Path, PathBuf};
 
@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::DeletionPolicy;
 use crate::oci::digest::digest_hex;
+
+mod evict;
 
 /// One file of a version on disk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -332,84 +334,6 @@ impl Store {
         self.save_state(model, &state)
     }
 
-    /// Kept versions that are not active, least recently active first, each with the bytes evicting
-    /// it (after those before it) frees: its blobs no remaining version and nothing in `protect` uses.
-    fn eviction_order(&self, protect: &HashSet<String>) -> Vec<(String, VersionRecord, u64)> {
-        let distinct = |v: &VersionRecord| -> BTreeMap<String, u64> {
-            v.files.iter().map(|f| (f.digest.clone(), f.size)).collect()
-        };
-        let mut users: HashMap<String, usize> = HashMap::new();
-        let mut candidates = Vec::new();
-        for (model, (state, current)) in self.inventory() {
-            for v in state.versions {
-                for d in distinct(&v).into_keys() {
-                    *users.entry(d).or_default() += 1;
-                }
-                if current.as_deref() != Some(v.version.as_str()) {
-                    candidates.push((model.clone(), v));
-                }
-            }
-        }
-        candidates.sort_by(|a, b| (a.1.activated_at, &a.0, &a.1.version).cmp(&(b.1.activated_at, &b.0, &b.1.version)));
-        let mut out = Vec::new();
-        for (model, v) in candidates {
-            let mut freed = 0;
-            for (d, size) in distinct(&v) {
-                let n = users.get_mut(&d).expect("counted above");
-                *n -= 1;
-                if *n == 0 && !protect.contains(&d) {
-                    freed += size;
-                }
-            }
-            out.push((model, v, freed));
-        }
-        out
-    }
-
-    /// Bytes that evicting every kept, non-active version would free (reported in the ModelNode,
-    /// so the controller counts them as available).
-    pub fn reclaimable(&self) -> u64 {
-        self.eviction_order(&HashSet::new()).iter().map(|e| e.2).sum()
-    }
-
-    /// Evicts the fewest kept, non-active versions (least recently active first) that bring `free`
-    /// to `needed`, with the blobs only they used (not those in `protect`). Evicts nothing when
-    /// even all of them would not make room. Returns the evicted `model version`s.
-    pub fn evict_for(&self, needed: u64, free: u64, protect: &HashSet<String>) -> io::Result<Vec<String>> {
-        let order = self.eviction_order(protect);
-        let mut gained = 0;
-        let Some(last) = order.iter().position(|(_, _, freed)| {
-            gained += freed;
-            free + gained >= needed
-        }) else {
-            return Ok(Vec::new());
-        };
-        let mut evicted = Vec::new();
-        for (model, v, _) in &order[..=last] {
-            let dir = self.version_dir(model, &v.version);
-            if dir.exists() {
-                std::fs::remove_dir_all(dir)?;
-            }
-            let mut state = self.state(model);
-            state.versions.retain(|k| k.version != v.version);
-            self.save_state(model, &state)?;
-            evicted.push(format!("{model} {}", v.version));
-        }
-        let mut still = self.referenced_blobs();
-        still.extend(protect.iter().cloned());
-        for f in order[..=last].iter().flat_map(|(_, v, _)| &v.files) {
-            if !still.contains(&f.digest) {
-                for path in [self.blob_path(&f.digest)?, self.chunk_index_path(&f.digest)?] {
-                    match std::fs::remove_file(path) {
-                        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                        _ => {}
-                    }
-                }
-            }
-        }
-        Ok(evicted)
-    }
-
     /// Removes everything of `model`: its versions and `current`.
     pub fn remove_model(&self, model: &str) -> io::Result<()> {
         let dir = self.model_dir(model);
@@ -496,124 +420,4 @@ fn exchange(a: &Path, b: &Path) -> io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn put_blob(store: &Store, data: &[u8]) -> String {
-        let digest = crate::oci::digest::sha256_digest(data);
-        let partial = store.partial_path(&digest).unwrap();
-        std::fs::write(&partial, data).unwrap();
-        store.commit_blob(&digest, &partial).unwrap();
-        digest
-    }
-
-    fn record(version: &str, files: &[(&str, &str, u64)]) -> VersionRecord {
-        VersionRecord {
-            version: version.into(),
-            digest: format!("sha256:{}", "0".repeat(64)),
-            files: files
-                .iter()
-                .map(|(t, d, s)| FileRecord { title: t.to_string(), digest: d.to_string(), size: *s })
-                .collect(),
-            activated_at: 0,
-        }
-    }
-
-    #[test]
-    fn titles_that_escape_are_refused() {
-        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a/..", "..", "a\\b", "a\0b"] {
-            assert!(validate_title(bad).is_err(), "{bad:?} should be refused");
-        }
-        assert_eq!(validate_title("a/b.onnx").unwrap(), PathBuf::from("a/b.onnx"));
-        assert_eq!(validate_title("./model.onnx").unwrap(), PathBuf::from("model.onnx"));
-        assert!(digest_hex("sha256:../../x").is_err());
-        assert!(!is_safe_component("../x") && !is_safe_component(".hidden") && is_safe_component("4.2.1-rc.1"));
-        assert!(!is_safe_component("current"), "would collide with the symlink");
-    }
-
-    #[test]
-    fn eviction_takes_the_least_recently_active_kept_versions_that_make_room_and_never_the_active() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let (a1, a2, shared, b1) =
-            (put_blob(&store, b"a one"), put_blob(&store, b"a two"), put_blob(&store, b"cfg"), put_blob(&store, b"b1"));
-        for (v, d) in [("1", &a1), ("2", &a2)] {
-            store.materialize("a", &record(v, &[("w", d, 100), ("c", &shared, 50)])).unwrap();
-            store.activate("a", v).unwrap();
-        }
-        store.materialize("b", &record("1", &[("w", &b1, 30)])).unwrap();
-        store.activate("b", "1").unwrap();
-        store.materialize("b", &record("0", &[("w", &shared, 50)])).unwrap(); // never active: first to go
-        // Only the kept a 1 frees its own blob; the shared one is still used by a 2.
-        assert_eq!(store.reclaimable(), 100);
-        assert!(store.evict_for(500, 10, &HashSet::new()).unwrap().is_empty(), "cannot make room: nothing goes");
-        assert!(store.evict_for(100, 10, &HashSet::from([a1.clone()])).unwrap().is_empty(), "a protected blob stays");
-        assert_eq!(store.evict_for(100, 10, &HashSet::new()).unwrap(), ["b 0", "a 1"]);
-        assert!(!store.has_blob(&a1, 5) && store.has_blob(&shared, 3) && store.has_blob(&a2, 5));
-        assert_eq!((store.current("a").as_deref(), store.current("b").as_deref()), (Some("2"), Some("1")));
-        assert!(!store.version_dir("a", "1").exists() && store.state("a").get("1").is_none());
-        assert_eq!(store.reclaimable(), 0, "only active versions left");
-    }
-
-    #[test]
-    fn materialize_activate_prune_and_collect() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let a = put_blob(&store, b"weights v1");
-        let b = put_blob(&store, b"weights v2");
-        let cfg = put_blob(&store, b"{}");
-        for (v, d) in [("1.0.0", &a), ("2.0.0", &b), ("3.0.0", &a)] {
-            store.materialize("m", &record(v, &[("model.onnx", d, 10), ("cfg/config.json", &cfg, 2)])).unwrap();
-            store.activate("m", v).unwrap();
-            assert_eq!(store.current("m").as_deref(), Some(v));
-            let read = std::fs::read(dir.path().join("models/m/current/model.onnx")).unwrap();
-            assert_eq!(read, std::fs::read(store.blob_path(d).unwrap()).unwrap());
-        }
-        // Keep one besides the active: 2.0.0 (more recent) stays, 1.0.0 goes.
-        assert_eq!(store.prune("m", 1).unwrap(), vec!["1.0.0".to_string()]);
-        assert!(!store.version_dir("m", "1.0.0").exists() && store.version_dir("m", "2.0.0").exists());
-        let orphan = put_blob(&store, b"nobody wants me");
-        std::fs::write(store.partial_path(&orphan).unwrap(), b"part").unwrap();
-        let freed = store.collect_garbage(&HashSet::new(), true).unwrap();
-        assert_eq!(freed, 15 + 4);
-        assert!(store.has_blob(&a, 10) && store.has_blob(&b, 10) && !store.has_blob(&orphan, 15));
-        store.remove_model("m").unwrap();
-        assert!(store.models().is_empty());
-        store.collect_garbage(&HashSet::new(), true).unwrap();
-        assert!(!store.has_blob(&a, 10));
-    }
-
-    #[test]
-    fn same_version_other_bytes_is_replaced_while_current_stays_valid() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let a = put_blob(&store, b"aaaa");
-        let b = put_blob(&store, b"bbbb");
-        store.materialize("m", &record("1.0.0", &[("w", &a, 4)])).unwrap();
-        store.activate("m", "1.0.0").unwrap();
-        store.materialize("m", &record("1.0.0", &[("w", &b, 4)])).unwrap();
-        assert_eq!(store.current("m").as_deref(), Some("1.0.0"));
-        assert_eq!(std::fs::read(dir.path().join("models/m/current/w")).unwrap(), b"bbbb");
-        assert_eq!(store.state("m").versions.len(), 1);
-    }
-
-    #[test]
-    fn reopening_removes_what_an_interrupted_activation_left() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let a = put_blob(&store, b"aaaa");
-        store.materialize("m", &record("1.0.0", &[("w", &a, 4)])).unwrap();
-        store.activate("m", "1.0.0").unwrap();
-        for leftover in [".staging-2.0.0", ".trash-1.0.0", "3.0.0"] {
-            std::fs::create_dir_all(dir.path().join("models/m").join(leftover).join("x")).unwrap();
-        }
-        let store = Store::open(dir.path()).unwrap();
-        let mut left: Vec<String> = std::fs::read_dir(dir.path().join("models/m"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-            .collect();
-        left.sort();
-        assert_eq!(left, vec![".peat-state.json", "1.0.0", "current"]);
-        assert_eq!(store.current("m").as_deref(), Some("1.0.0"));
-    }
-}
+mod tests;

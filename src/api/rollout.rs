@@ -394,10 +394,25 @@ pub struct ModelRolloutStatus {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub blocker_counts: BTreeMap<String, i32>,
 
-    /// Seconds until every target is expected to converge, from the observed transfer rate; absent
-    /// when it cannot be computed yet.
+    /// Seconds until every reachable target is expected to converge: the bytes still to come over
+    /// the transfer rate, which halves for every 30 s without progress (a stall makes it grow, not
+    /// freeze). Silent nodes are left out (see `partitionedNodes`); absent when no rate has been
+    /// observed yet, or when only silent nodes remain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub estimated_completion_seconds: Option<i64>,
+
+    /// Smoothed transfer rate of the targets, bytes per second, as of `lastProgressTime` (kept
+    /// here so that a new controller leader goes on from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer_rate_bytes_per_second: Option<i64>,
+
+    /// When the bytes done by the targets last grew.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_progress_time: Option<Time>,
+
+    /// Targets whose agent has gone silent (NetworkPartition): not in the ETA; they resume when back.
+    #[serde(default)]
+    pub partitioned_nodes: i32,
 
     /// Bytes fetched over the network by all targets for this rollout.
     #[serde(default)]

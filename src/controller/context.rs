@@ -1,54 +1,17 @@
-//! What every reconcile shares: the client, the four caches, the resolver, metrics, rates.
+//! What every reconcile shares: the client, the four caches, the resolver, metrics.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node;
-use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::Store;
 use kube::{Client, ResourceExt};
 
 use super::{metrics, resolve};
 use crate::api::{ModelDeployment, ModelNode, ModelRollout};
-use crate::plan::convergence::{ThroughputSample, throughput};
 use crate::plan::scope::NodeFacts;
-
-/// Transfer-rate samples per rollout (uid), for the ETA.
-#[derive(Default)]
-pub(crate) struct RateTracker {
-    samples: Mutex<HashMap<String, (crate::plan::convergence::ThroughputSample, Option<f64>)>>,
-}
-
-impl RateTracker {
-    /// Records `bytes` done at `now`; returns the smoothed rate.
-    pub(crate) fn observe(&self, uid: &str, bytes: u64, now: Timestamp) -> Option<f64> {
-        let sample = ThroughputSample { at: now, bytes };
-        let mut map = self.samples.lock().expect("rate lock");
-        match map.get(uid).copied() {
-            None => {
-                map.insert(uid.to_string(), (sample, None));
-                None
-            }
-            Some((prev, rate)) if prev.bytes == bytes => rate,
-            Some((prev, rate)) => {
-                let new = throughput(prev, sample);
-                // Exponential smoothing: one slow sample does not swing the ETA.
-                let smoothed = match (rate, new) {
-                    (Some(r), Some(n)) => Some(0.7 * r + 0.3 * n),
-                    (r, n) => n.or(r),
-                };
-                map.insert(uid.to_string(), (sample, smoothed));
-                smoothed
-            }
-        }
-    }
-
-    pub(crate) fn forget(&self, uid: &str) {
-        self.samples.lock().expect("rate lock").remove(uid);
-    }
-}
 
 /// Shared state of the reconciler.
 pub struct Context {
@@ -60,7 +23,6 @@ pub struct Context {
     pub(crate) recorder: Recorder,
     pub(crate) metrics: metrics::Metrics,
     pub(crate) resolver: resolve::Resolver,
-    pub(crate) rates: RateTracker,
     pub(crate) failures: Mutex<HashMap<String, u32>>,
     pub(crate) heartbeat_timeout: Duration,
 }

@@ -33,7 +33,7 @@ use tracing::info;
 
 use crate::admin::{self, Admin};
 use crate::api::ModelRollout;
-use context::{Context, RateTracker};
+use context::Context;
 
 pub use options::Options;
 pub use reconcile::{Error, FIELD_MANAGER, FINALIZER};
@@ -72,7 +72,6 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         ),
         metrics,
         resolver: resolve::Resolver::default(),
-        rates: RateTracker::default(),
         failures: Mutex::new(HashMap::new()),
         heartbeat_timeout: opts.heartbeat_timeout,
     });

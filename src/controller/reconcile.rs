@@ -63,6 +63,9 @@ impl Error {
 }
 
 /// Entry point of the kube-runtime Controller.
+/// How often a rollout with an ETA is looked at without an event (a stall decays the ETA).
+const ETA_REFRESH: Duration = Duration::from_secs(10);
+
 #[instrument(skip_all, fields(rollout = %key(&rollout)))]
 pub async fn reconcile(rollout: Arc<ModelRollout>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
@@ -358,8 +361,6 @@ impl Reconcile<'_> {
         let own: Vec<ModelDeployment> =
             deployments.into_iter().filter(|md| controller_uid(md) == Some(uid.as_str())).collect();
         let convergence = aggregate(&r.spec.model, &target.version, &plan.targets, &own, &prev.blockers, now);
-        let done = (convergence.bytes_transferred + convergence.bytes_reused).max(0) as u64;
-        let rate = ctx.rates.observe(&uid, done, now);
         let status = rollout_status(&StatusInput {
             rollout: r,
             target: Some(target),
@@ -369,7 +370,6 @@ impl Reconcile<'_> {
             conflicts: &plan.conflicts,
             aborted_version: abort.aborted_version,
             in_flight: plan.in_flight,
-            rate,
             now,
         });
         let l = labels(r);
@@ -392,9 +392,12 @@ impl Reconcile<'_> {
             let note = conflict_message(&r.spec.model, &plan.conflicts);
             publish(ctx, r, EventType::Warning, "Conflict", note).await;
         }
+        // While bytes are to come, look again now and then even without an event: a stall shows
+        // as a growing ETA instead of a frozen one.
+        let eta_refresh = status.estimated_completion_seconds.filter(|s| *s > 0).map(|_| ETA_REFRESH);
         self.status.write(ctx, status).await?;
         ctx.failures.lock().expect("failures lock").remove(&uid);
-        Ok(plan.recheck_after)
+        Ok([plan.recheck_after, eta_refresh].into_iter().flatten().min())
     }
 
     /// Writes a status that says why nothing can be planned (no target known).
@@ -413,7 +416,6 @@ impl Reconcile<'_> {
             conflicts: &[],
             aborted_version,
             in_flight: 0,
-            rate: None,
             now: self.now,
         });
         Ok(self.status.write(self.ctx, status).await?)
@@ -434,7 +436,6 @@ async fn cleanup(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result<Action, Erro
         }
     }
     ctx.metrics.forget(&labels(&r));
-    ctx.rates.forget(&uid);
     ctx.resolver.forget(&uid);
     ctx.failures.lock().expect("failures lock").remove(&uid);
     info!(deleted = owned.len(), "rollout deleted: removed its ModelDeployments");

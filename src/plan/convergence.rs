@@ -51,6 +51,8 @@ pub struct Convergence {
     pub blocker_counts: BTreeMap<String, i32>,
     /// Bytes still to come for the targets that are neither converged nor failed.
     pub remaining_bytes: u64,
+    /// Targets not done whose agent is silent (NetworkPartition); their bytes are not in `remaining_bytes`.
+    pub partitioned: i32,
     /// Bytes fetched over the network for the target version.
     pub bytes_transferred: i64,
     /// Bytes reused from local data for the target version.
@@ -143,7 +145,10 @@ pub fn aggregate(
             c.bytes_transferred += s.bytes_done.max(0);
             c.bytes_reused += s.bytes_reused.max(0);
         }
-        if matches!(state, TargetState::InProgress | TargetState::Pending) {
+        let silent = target.planned_blocker.as_ref().is_some_and(|b| b.reason == BlockerReason::NetworkPartition);
+        if silent && matches!(state, TargetState::InProgress | TargetState::Pending) {
+            c.partitioned += 1;
+        } else if matches!(state, TargetState::InProgress | TargetState::Pending) {
             c.remaining_bytes += match (for_target, status) {
                 (true, Some(s)) if s.bytes_total > 0 => (s.bytes_total - s.bytes_done - s.bytes_reused).max(0) as u64,
                 _ => target.expected_bytes,
@@ -184,6 +189,47 @@ pub fn throughput(earlier: ThroughputSample, later: ThroughputSample) -> Option<
     let seconds = (later.at.as_millisecond() - earlier.at.as_millisecond()) as f64 / 1000.0;
     let bytes = later.bytes.checked_sub(earlier.bytes)?;
     (seconds > 0.0 && bytes > 0).then(|| bytes as f64 / seconds)
+}
+
+/// A rollout's transfer progress, kept in its status between reconciles (and leaders).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Progress {
+    /// Bytes done (fetched + reused) by the targets.
+    pub done: u64,
+    /// When `done` last grew.
+    pub at: Option<Timestamp>,
+    /// Smoothed rate as of `at`, bytes/s.
+    pub rate: Option<f64>,
+}
+
+/// Without progress the rate used for the ETA halves every this many seconds.
+pub const STALL_HALF_LIFE_SECONDS: f64 = 30.0;
+
+/// The progress after observing `done` bytes at `now`: the rate is smoothed when bytes moved,
+/// left as it was when they did not (a stall), and the sample restarts when `done` went down
+/// (a new target version).
+pub fn advance(prev: Progress, done: u64, now: Timestamp) -> Progress {
+    match prev.at {
+        Some(at) if done > prev.done => {
+            let new = throughput(ThroughputSample { at, bytes: prev.done }, ThroughputSample { at: now, bytes: done });
+            // Exponential smoothing: one slow sample does not swing the ETA.
+            let rate = match (prev.rate, new) {
+                (Some(r), Some(n)) => Some(0.7 * r + 0.3 * n),
+                (r, n) => n.or(r),
+            };
+            Progress { done, at: Some(now), rate }
+        }
+        Some(_) if done == prev.done => prev,
+        _ => Progress { done, at: Some(now), rate: prev.rate },
+    }
+}
+
+/// The rate to expect from now: the smoothed rate, halved for every [`STALL_HALF_LIFE_SECONDS`]
+/// since bytes last moved.
+pub fn expected_rate(p: &Progress, now: Timestamp) -> Option<f64> {
+    let rate = p.rate?;
+    let stalled = p.at.map_or(0.0, |at| ((now.as_millisecond() - at.as_millisecond()).max(0) as f64) / 1000.0);
+    Some(rate * 0.5f64.powf(stalled / STALL_HALF_LIFE_SECONDS))
 }
 
 /// Seconds until the remaining bytes arrive at the observed rate. Zero when nothing remains; none

@@ -6,7 +6,7 @@ use k8s_openapi::jiff::Timestamp;
 use crate::api::shared::condition;
 use crate::api::{HistoryEntry, ModelRollout, ModelRolloutStatus, RolloutPhase};
 
-use super::convergence::{Convergence, estimate_completion_seconds};
+use super::convergence::{Convergence, Progress, advance, estimate_completion_seconds, expected_rate};
 use super::strategy::EffectiveTarget;
 
 /// History keeps this many converged versions.
@@ -40,8 +40,6 @@ pub struct StatusInput<'a> {
     pub aborted_version: Option<String>,
     /// Targets started on the target version and not yet done (from the plan).
     pub in_flight: usize,
-    /// Observed transfer rate, bytes/s.
-    pub rate: Option<f64>,
     /// Now.
     pub now: Timestamp,
 }
@@ -148,8 +146,26 @@ pub fn rollout_status(input: &StatusInput<'_>) -> ModelRolloutStatus {
         let excess = s.history.len().saturating_sub(MAX_HISTORY);
         s.history.drain(..excess);
     }
-    if input.convergence.is_some() && !converged && !spec.paused && !aborted {
-        s.estimated_completion_seconds = estimate_completion_seconds(c.remaining_bytes, input.rate);
+    // Progress, from the previous status: the rate and its time survive a restart or a failover.
+    let before = Progress {
+        done: (prev.bytes_transferred + prev.bytes_reused).max(0) as u64,
+        at: prev.last_progress_time.as_ref().map(|t| t.0),
+        rate: prev.transfer_rate_bytes_per_second.filter(|r| *r > 0).map(|r| r as f64),
+    };
+    let progress = match input.convergence {
+        Some(_) => advance(before, (c.bytes_transferred + c.bytes_reused).max(0) as u64, input.now),
+        // No aggregate (the source could not be read): the byte counts are not written, so the
+        // next sample starts afresh; the rate stays.
+        None => Progress { at: None, ..before },
+    };
+    s.last_progress_time = progress.at.map(Time);
+    s.transfer_rate_bytes_per_second = progress.rate.map(|r| r.round() as i64).filter(|r| *r > 0);
+    s.partitioned_nodes = c.partitioned;
+    // Only silent nodes left: no time can be promised.
+    let only_silent = c.remaining_bytes == 0 && c.partitioned > 0;
+    if input.convergence.is_some() && !converged && !spec.paused && !aborted && !only_silent {
+        s.estimated_completion_seconds =
+            estimate_completion_seconds(c.remaining_bytes, expected_rate(&progress, input.now));
     }
 
     s.phase = if let Some(_why) = &input.invalid_spec {
@@ -297,7 +313,6 @@ mod tests {
             conflicts: &[],
             aborted_version: None,
             in_flight: 1,
-            rate: Some(10.0),
             now: Timestamp::from_second(1_800_000_000).unwrap(),
         }
     }
@@ -325,9 +340,50 @@ mod tests {
         assert_eq!(rollout_status(&later), s);
     }
 
+    /// A rollout whose status says `rate` bytes/s as of `at` seconds after 1_800_000_000, with `done` bytes.
+    fn with_progress(mut r: ModelRollout, rate: i64, at: i64, done: i64) -> ModelRollout {
+        r.status = Some(ModelRolloutStatus {
+            transfer_rate_bytes_per_second: Some(rate),
+            last_progress_time: Some(Time(Timestamp::from_second(1_800_000_000 + at).unwrap())),
+            bytes_transferred: done,
+            ..Default::default()
+        });
+        r
+    }
+
+    #[test]
+    fn the_eta_goes_on_from_the_status_decays_while_stalled_and_leaves_silent_nodes_out() {
+        let t = target(false);
+        let mut c = conv(4, 1, 0);
+        c.remaining_bytes = 1000;
+        // From the status alone (a new leader): 1000 bytes at 10 B/s.
+        let r = with_progress(rollout(false), 10, 0, 0);
+        let s = rollout_status(&input(&r, Some(&t), Some(&c)));
+        assert_eq!((s.estimated_completion_seconds, s.transfer_rate_bytes_per_second), (Some(100), Some(10)));
+        // No byte for 30 s, then 60 s: the expected rate halves each time, the ETA grows.
+        let r = with_progress(rollout(false), 10, -30, 0);
+        assert_eq!(rollout_status(&input(&r, Some(&t), Some(&c))).estimated_completion_seconds, Some(200));
+        let r = with_progress(rollout(false), 10, -60, 0);
+        let s = rollout_status(&input(&r, Some(&t), Some(&c)));
+        assert_eq!(s.estimated_completion_seconds, Some(400));
+        assert_eq!(s.last_progress_time, r.status.unwrap().last_progress_time, "a stall keeps the last progress");
+        // Bytes moved: 300 in 10 s since the last progress → 0.7·10 + 0.3·30 = 16 B/s.
+        let mut c2 = c.clone();
+        c2.bytes_transferred = 300;
+        let r = with_progress(rollout(false), 10, -10, 0);
+        let s = rollout_status(&input(&r, Some(&t), Some(&c2)));
+        assert_eq!((s.transfer_rate_bytes_per_second, s.estimated_completion_seconds), (Some(16), Some(63)));
+        // Silent nodes: counted apart; only they left → no ETA.
+        let mut silent = conv(2, 1, 0);
+        (silent.remaining_bytes, silent.partitioned) = (0, 1);
+        let r = with_progress(rollout(false), 10, 0, 0);
+        let s = rollout_status(&input(&r, Some(&t), Some(&silent)));
+        assert_eq!((s.partitioned_nodes, s.estimated_completion_seconds), (1, None));
+    }
+
     #[test]
     fn progressing_with_an_eta_and_degraded_on_failures() {
-        let r = rollout(false);
+        let r = with_progress(rollout(false), 10, 0, 0);
         let t = target(false);
         let c = conv(4, 1, 1);
         let s = rollout_status(&input(&r, Some(&t), Some(&c)));

@@ -176,7 +176,7 @@ fn heartbeat_age(facts: &NodeFacts, now: Timestamp) -> Option<Duration> {
 /// target keeps its variant (a node whose disk filled with the model must not be re-planned as
 /// `InsufficientStorage`); otherwise a variant is selected or a capability blocker recorded, and
 /// the node waits for a slot. Slots: at most maxParallel targets transfer at once; a failed target
-/// frees its slot. Nothing new starts while paused or aborted (but an aborted rollout with
+/// frees its slot, and so does a silent one (NetworkPartition) until it reports again. Nothing new starts while paused or aborted (but an aborted rollout with
 /// autoRollback plans its rollback target like any other). Nodes that already hold the target
 /// locally go first: switching them moves no bytes.
 pub fn plan_deployments(input: &PlanInput<'_>) -> Plan {
@@ -289,7 +289,11 @@ pub fn plan_deployments(input: &PlanInput<'_>) -> Plan {
         {
             view.expected_bytes = v.size;
             plan.apply.push(refreshed(&md.spec, spec));
-            if matches!(classify(&target.version, Some(md)), TargetState::InProgress | TargetState::Pending) {
+            // A silent node gives its slot up (an edge node offline for a day must not hold up the
+            // fleet); it keeps its deployment and resumes from its partial when it is back.
+            if stale.is_none()
+                && matches!(classify(&target.version, Some(md)), TargetState::InProgress | TargetState::Pending)
+            {
                 plan.in_flight += 1;
             }
             views.insert(node.clone(), view);
@@ -301,7 +305,7 @@ pub fn plan_deployments(input: &PlanInput<'_>) -> Plan {
         let transferring_other = existing
             .and_then(|md| md.status.as_ref())
             .is_some_and(|s| matches!(s.phase, DeploymentPhase::Downloading | DeploymentPhase::Loading));
-        if transferring_other {
+        if transferring_other && stale.is_none() {
             plan.in_flight += 1;
         }
         match select_variant(spec.variant.as_ref(), &target.variants, caps) {

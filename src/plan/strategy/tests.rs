@@ -218,6 +218,18 @@ fn stale_heartbeat_is_a_network_partition_and_starts_nothing_there() {
 }
 
 #[test]
+fn a_node_that_goes_silent_mid_transfer_gives_its_slot_to_the_next() {
+    let mut c = Case::new(3, Some(IntOrString::Int(1)));
+    c.deployments = vec![owned("uid-vision", "n1", "2.0.0", "sha256:cpu2", status(DeploymentPhase::Downloading, None))];
+    assert_eq!(nodes_of(&c.plan(), "2.0.0"), ["n1"], "n1 holds the one slot");
+    c.nodes.insert("n1".into(), facts("n1", 0, 600));
+    let plan = c.plan();
+    assert_eq!(plan.targets[1].planned_blocker.as_ref().unwrap().reason, BlockerReason::NetworkPartition);
+    assert_eq!(nodes_of(&plan, "2.0.0"), ["n0", "n1"], "n0 takes the slot; n1 keeps its deployment to resume");
+    assert_eq!(plan.in_flight, 1);
+}
+
+#[test]
 fn named_node_without_an_agent_is_blocked_unknown() {
     let mut c = Case::new(1, None);
     c.nodes.insert("ghost".into(), NodeFacts { name: "ghost".into(), ..Default::default() });

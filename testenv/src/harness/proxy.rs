@@ -8,6 +8,9 @@ pub struct CountingProxy {
     pub addr: String,
     delivered: std::sync::Arc<std::sync::atomic::AtomicU64>,
     rate: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Connections opened so far, and the number below which connections hang (a half-dead link).
+    opened: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stalled_below: std::sync::Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -19,10 +22,14 @@ impl CountingProxy {
         let addr = listener.local_addr().unwrap().to_string();
         let delivered = std::sync::Arc::new(AtomicU64::new(0));
         let rate = std::sync::Arc::new(AtomicU64::new(0));
+        let opened = std::sync::Arc::new(AtomicU64::new(0));
+        let stalled_below = std::sync::Arc::new(AtomicU64::new(0));
         let (d, r, upstream) = (delivered.clone(), rate.clone(), upstream.to_string());
+        let (o, stalled) = (opened.clone(), stalled_below.clone());
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let (d, r, upstream) = (d.clone(), r.clone(), upstream.clone());
+                let (d, r, upstream, stalled) = (d.clone(), r.clone(), upstream.clone(), stalled.clone());
+                let id = o.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     use tokio::io::{AsyncReadExt, AsyncWriteExt};
                     let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else { return };
@@ -38,6 +45,9 @@ impl CountingProxy {
                                 Ok(0) | Err(_) => return,
                                 Ok(n) => n,
                             };
+                            while id < stalled.load(Ordering::SeqCst) {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
                             let rate = r.load(Ordering::Relaxed);
                             if rate > 0 {
                                 tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate as f64)).await;
@@ -56,7 +66,7 @@ impl CountingProxy {
                 });
             }
         });
-        CountingProxy { addr, delivered, rate, task }
+        CountingProxy { addr, delivered, rate, opened, stalled_below, task }
     }
 
     /// Bytes delivered to clients so far (headers included).
@@ -67,6 +77,15 @@ impl CountingProxy {
     /// Paces deliveries to `bytes_per_second` (0: as fast as possible).
     pub fn set_rate(&self, bytes_per_second: u64) {
         self.rate.store(bytes_per_second, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl CountingProxy {
+    /// Every connection open now stops delivering, for good (a half-dead link: no error, no byte);
+    /// connections opened later work.
+    pub fn stall_open_connections(&self) {
+        use std::sync::atomic::Ordering;
+        self.stalled_below.store(self.opened.load(Ordering::SeqCst), Ordering::SeqCst);
     }
 }
 
