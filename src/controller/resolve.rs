@@ -2,7 +2,10 @@
 //!
 //! A tag is read from the registry once per version and pinned in `status.resolvedDigest`; after
 //! that the index is read by digest, and indexes by digest are immutable, so they are cached: a
-//! registry outage does not disturb a rollout whose version is already resolved.
+//! registry outage does not disturb a rollout whose version is already resolved. The cache is keyed
+//! by the credentials too: a rollout whose pull secret the registry refuses never resolves from what
+//! another namespace's credentials read. The pull secret is read at each resolution (a changed one
+//! triggers a reconcile, see `watches`), so a rotated secret is used at once, with a client of its own.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -14,7 +17,7 @@ use tokio::time::Instant;
 use oci_client::secrets::RegistryAuth;
 
 use crate::api::ModelRollout;
-use crate::oci::client::{Clients, OciError, auth_from_secret, parse_reference};
+use crate::oci::client::{Clients, OciError, auth_fingerprint, auth_from_secret, parse_reference};
 use crate::oci::{Resolved, resolve};
 
 /// Why a source could not be resolved.
@@ -72,9 +75,10 @@ struct Recheck {
     moved_reported: Option<String>,
 }
 
-/// Resolves sources, caching indexes by digest and clients per registry.
+/// Resolves sources, caching indexes by (credentials, digest) and clients per (registry, credentials).
 #[derive(Default)]
 pub struct Resolver {
+    /// By `<credentials fingerprint>|<repository>@<digest>`.
     by_digest: Mutex<HashMap<String, Resolved>>,
     clients: Clients,
     /// By `uid/version`: the tag's next look while a node waits for a variant.
@@ -86,18 +90,23 @@ fn recheck_key(rollout: &ModelRollout, version: &str) -> String {
 }
 
 impl Resolver {
-    async fn auth(
+    /// The rollout's registry and the credentials its pull secret holds for it.
+    async fn access(
         &self,
         client: &kube::Client,
         rollout: &ModelRollout,
-        registry: &str,
-    ) -> Result<RegistryAuth, ResolveError> {
-        let Some(name) = rollout.spec.source.pull_secret.as_deref() else { return Ok(RegistryAuth::Anonymous) };
+    ) -> Result<(String, RegistryAuth), ResolveError> {
+        let repo = &rollout.spec.source.repository;
+        let registry = parse_reference(&format!("{repo}:latest"))?.resolve_registry().to_string();
+        let Some(name) = rollout.spec.source.pull_secret.as_deref() else {
+            return Ok((registry, RegistryAuth::Anonymous));
+        };
         let ns = rollout.metadata.namespace.as_deref().unwrap_or("default");
-        auth_from_secret(client, ns, name, registry).await.map_err(|e| match e {
+        let auth = auth_from_secret(client, ns, name, &registry).await.map_err(|e| match e {
             OciError::BadCredentials(message) => ResolveError::PullSecret { name: name.to_string(), message },
             other => ResolveError::Registry(other),
-        })
+        })?;
+        Ok((registry, auth))
     }
 
     /// Reads `<repository>@<digest>` (cached) or `<repository>:<version>`.
@@ -109,10 +118,12 @@ impl Resolver {
         pinned_digest: Option<&str>,
     ) -> Result<Resolved, ResolveError> {
         let repo = &rollout.spec.source.repository;
-        if let Some(d) = pinned_digest
-            && let Some(hit) = self.by_digest.lock().expect("resolver lock").get(&format!("{repo}@{d}"))
-        {
-            return Ok(hit.clone());
+        if let Some(d) = pinned_digest {
+            let (_, auth) = self.access(client, rollout).await?;
+            let key = format!("{}|{repo}@{d}", auth_fingerprint(&auth));
+            if let Some(hit) = self.by_digest.lock().expect("resolver lock").get(&key) {
+                return Ok(hit.clone());
+            }
         }
         let resolved = match pinned_digest {
             Some(d) => self.read(client, rollout, &format!("{repo}@{d}")).await?,
@@ -134,12 +145,11 @@ impl Resolver {
         rollout: &ModelRollout,
         reference: &str,
     ) -> Result<Resolved, ResolveError> {
-        let registry = parse_reference(reference)?.resolve_registry().to_string();
-        let auth = self.auth(client, rollout, &registry).await?;
+        let (registry, auth) = self.access(client, rollout).await?;
         let oci = self.clients.get(&registry, rollout.spec.source.insecure, &auth);
         let resolved = resolve(&oci, &auth, reference).await?;
-        let repo = &rollout.spec.source.repository;
-        self.by_digest.lock().expect("resolver lock").insert(format!("{repo}@{}", resolved.digest), resolved.clone());
+        let key = format!("{}|{}@{}", auth_fingerprint(&auth), rollout.spec.source.repository, resolved.digest);
+        self.by_digest.lock().expect("resolver lock").insert(key, resolved.clone());
         Ok(resolved)
     }
 

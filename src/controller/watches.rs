@@ -1,5 +1,6 @@
 //! The four watches: each keeps a cache (reflector store) for the whole life of the process and
-//! broadcasts the rollouts its events concern. Every replica keeps them warm, leader or not.
+//! broadcasts the rollouts its events concern. Every replica keeps them warm, leader or not. A
+//! fifth, of pull secrets' metadata, only triggers.
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -84,7 +85,37 @@ pub(crate) fn start(
         triggers,
         tasks,
     );
+    watch_pull_secrets(client, rollouts.clone(), triggers, tasks);
     Caches { rollouts, deployments, model_nodes, nodes }
+}
+
+/// A change of a pull secret triggers the rollouts that name it, so a rotated or fixed secret is
+/// used at once (not at the next periodic look). Metadata only: the controller caches no secret.
+fn watch_pull_secrets(client: &Client, rollouts: Store<ModelRollout>, triggers: &Triggers, tasks: &mut JoinSet<()>) {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::core::PartialObjectMeta;
+    let api = Api::<PartialObjectMeta<Secret>>::all(client.clone());
+    let config = watcher::Config::default().fields("type=kubernetes.io/dockerconfigjson").any_semantic();
+    let stream = watcher::watcher(api, config).default_backoff().touched_objects();
+    let tx = triggers.clone();
+    tasks.spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(ev) = stream.next().await {
+            let secret = match ev {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(kind = "Secret", error = %e, "watch error (retrying with backoff)");
+                    continue;
+                }
+            };
+            let (ns, name) = (secret.namespace(), secret.name_any());
+            for r in concerned(&rollouts, |r| {
+                r.namespace() == ns && r.spec.source.pull_secret.as_deref() == Some(name.as_str())
+            }) {
+                let _ = tx.send(r);
+            }
+        }
+    });
 }
 
 /// Ready once every watch has its initial list: sets `ready` (for /readyz) and the returned signal.

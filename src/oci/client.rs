@@ -145,14 +145,19 @@ pub struct Clients {
     by_access: std::sync::Mutex<std::collections::HashMap<(String, bool, String), oci_client::Client>>,
 }
 
+/// A digest naming credentials without holding them (empty for anonymous access).
+pub fn auth_fingerprint(auth: &RegistryAuth) -> String {
+    match auth {
+        RegistryAuth::Anonymous => String::new(),
+        RegistryAuth::Basic(u, p) => super::digest::sha256_digest(format!("{u}:{p}").as_bytes()),
+        RegistryAuth::Bearer(t) => super::digest::sha256_digest(t.as_bytes()),
+    }
+}
+
 impl Clients {
     /// The client for `registry` with these credentials (made on first use).
     pub fn get(&self, registry: &str, insecure: bool, auth: &RegistryAuth) -> oci_client::Client {
-        let fingerprint = match auth {
-            RegistryAuth::Anonymous => String::new(),
-            RegistryAuth::Basic(u, p) => super::digest::sha256_digest(format!("{u}:{p}").as_bytes()),
-            RegistryAuth::Bearer(t) => super::digest::sha256_digest(t.as_bytes()),
-        };
+        let fingerprint = auth_fingerprint(auth);
         self.by_access
             .lock()
             .expect("registry clients lock")

@@ -75,3 +75,24 @@ pub(crate) fn write_kubeconfig(path: &Path, server: &str, pki: &Pki) -> Result<(
     );
     std::fs::write(path, text).map_err(io("writing the kubeconfig"))
 }
+
+/// A CA of its own and a serving certificate for 127.0.0.1 and localhost signed by it, for a TLS
+/// registry: returns the CA's PEM and the certificate and key paths.
+pub(crate) fn write_registry_tls(dir: &Path) -> Result<(String, PathBuf, PathBuf), TestEnvError> {
+    std::fs::create_dir_all(dir).map_err(io("creating tls/"))?;
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "peat-test-registry-ca");
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate()?;
+    let mut serving = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
+    serving.distinguished_name.push(DnType::CommonName, "peat-test-registry");
+    let cert = serving.signed_by(&key, &issuer)?;
+    let (cert_path, key_path) = (dir.join("registry.crt"), dir.join("registry.key"));
+    std::fs::write(&cert_path, cert.pem()).map_err(io("writing the registry certificate"))?;
+    std::fs::write(&key_path, key.serialize_pem()).map_err(io("writing the registry key"))?;
+    Ok((ca_cert.pem(), cert_path, key_path))
+}

@@ -434,16 +434,30 @@ pub fn stop_detached(dir: &Path) -> Vec<String> {
 }
 
 fn write_registry_config(path: &Path, storage: &Path, addr: &str) -> Result<(), TestEnvError> {
+    write_secured_registry_config(path, storage, addr, "")
+}
+
+/// The registry's config; `extra` is appended (it may continue the closing `http:` section).
+fn write_secured_registry_config(path: &Path, storage: &Path, addr: &str, extra: &str) -> Result<(), TestEnvError> {
     std::fs::create_dir_all(storage).map_err(io("creating the registry's storage"))?;
     // The access log (one line per request with the bytes sent) lets tests count bytes on the wire.
     std::fs::write(
         path,
         format!(
-            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {addr}\n  secret: peat-testenv\n",
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {addr}\n  secret: peat-testenv\n{extra}",
             storage.display(),
         ),
     )
     .map_err(io("writing the registry's config"))
+}
+
+/// What a registry of its own demands of its clients.
+#[derive(Clone, Debug, Default)]
+pub struct RegistrySecurity {
+    /// Users (name, password) in an htpasswd file (bcrypt): every request must authenticate.
+    pub users: Vec<(String, String)>,
+    /// Serve HTTPS with a certificate for 127.0.0.1 from a CA of its own (`Registry::ca_pem`).
+    pub tls: bool,
 }
 
 /// A registry of its own (for tests that stop it or tamper with its storage): same binary and
@@ -455,6 +469,8 @@ pub struct Registry {
     pub storage: PathBuf,
     /// Its log, with the access log lines.
     pub log: PathBuf,
+    /// PEM of the CA that signed its serving certificate (with `RegistrySecurity::tls`).
+    pub ca_pem: Option<String>,
     config: PathBuf,
     binary: PathBuf,
     process: Option<ManagedProcess>,
@@ -463,6 +479,15 @@ pub struct Registry {
 impl Registry {
     /// Starts a registry with its state under `dir`, tied to this process.
     pub async fn start(binary: &Path, dir: &Path) -> Result<Registry, TestEnvError> {
+        Registry::start_secured(binary, dir, RegistrySecurity::default()).await
+    }
+
+    /// Starts a registry that requires credentials and/or serves TLS.
+    pub async fn start_secured(
+        binary: &Path,
+        dir: &Path,
+        security: RegistrySecurity,
+    ) -> Result<Registry, TestEnvError> {
         std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
         let addr = format!("127.0.0.1:{}", free_port()?);
         let mut r = Registry {
@@ -471,9 +496,27 @@ impl Registry {
             config: dir.join("registry.yml"),
             binary: binary.to_path_buf(),
             addr,
+            ca_pem: None,
             process: None,
         };
-        write_registry_config(&r.config, &r.storage, &r.addr)?;
+        let mut extra = String::new();
+        if security.tls {
+            // Under the config's closing `http:` section.
+            let (ca, cert, key) = certs::write_registry_tls(&dir.join("tls"))?;
+            extra.push_str(&format!("  tls:\n    certificate: {}\n    key: {}\n", cert.display(), key.display()));
+            r.ca_pem = Some(ca);
+        }
+        if !security.users.is_empty() {
+            let htpasswd = dir.join("htpasswd");
+            let mut lines = String::new();
+            for (user, password) in &security.users {
+                let hash = bcrypt::hash(password, 4).map_err(|e| TestEnvError::Build(format!("bcrypt: {e}")))?;
+                lines.push_str(&format!("{user}:{hash}\n"));
+            }
+            std::fs::write(&htpasswd, lines).map_err(io("writing the htpasswd file"))?;
+            extra.push_str(&format!("auth:\n  htpasswd:\n    realm: peat-test\n    path: {}\n", htpasswd.display()));
+        }
+        write_secured_registry_config(&r.config, &r.storage, &r.addr, &extra)?;
         r.restart().await?;
         Ok(r)
     }
@@ -499,7 +542,8 @@ impl Registry {
         self.process = Some(p);
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if let Ok((200, _)) = http_get(&self.addr, "/v2/").await {
+            // Any HTTP answer: 200, 401 when it requires credentials, 400 to plain HTTP on a TLS port.
+            if let Ok((200 | 400 | 401, _)) = http_get(&self.addr, "/v2/").await {
                 return Ok(());
             }
             if Instant::now() > deadline {

@@ -1,0 +1,125 @@
+//! Registries that require something of their clients: credentials per namespace (Debian's
+//! `docker-registry` with htpasswd), rotated pull secrets, and TLS with a private CA.
+
+mod support;
+
+use std::time::Duration;
+
+use base64::Engine;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams};
+use oci_client::secrets::RegistryAuth;
+use peat::api::{ModelDeployment, ModelRollout, RolloutPhase};
+use peat::oci::push::{VariantMeta, push_variant_bytes};
+use peat_testenv::{Registry, RegistrySecurity};
+use serde_json::json;
+use support::{create_node, pseudo_random, start_agent};
+use tokio::sync::OnceCell;
+
+const T: Duration = Duration::from_secs(90);
+
+static CONTROLLER: OnceCell<support::ControllerProc> = OnceCell::const_new();
+
+async fn controller() {
+    CONTROLLER
+        .get_or_init(|| async {
+            let ctx = support::ctx("peat-system").await;
+            let c = support::start_controller("controller", &ctx.ns, &[]).await;
+            c.wait_leading(T).await;
+            c
+        })
+        .await;
+}
+
+fn cpu() -> VariantMeta {
+    VariantMeta { name: "int8-cpu".into(), providers: vec!["cpu".into()], ..Default::default() }
+}
+
+/// Writes the pull secret `pull` in `ns` with `user:password` for `registry`.
+async fn pull_secret(client: &kube::Client, ns: &str, registry: &str, user: &str, password: &str) {
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let config = json!({"auths": {registry: {"auth": auth}}}).to_string();
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "pull"},
+        "type": "kubernetes.io/dockerconfigjson",
+        "data": {".dockerconfigjson": base64::engine::general_purpose::STANDARD.encode(config)},
+    });
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    api.patch("pull", &PatchParams::apply("peat-test").force(), &Patch::Apply(&secret)).await.expect("a pull secret");
+}
+
+async fn apply(client: &kube::Client, ns: &str, spec: serde_json::Value) {
+    let rollout =
+        json!({"apiVersion": "peat.dev/v1alpha1", "kind": "ModelRollout", "metadata": {"name": "m"}, "spec": spec});
+    let api: Api<ModelRollout> = Api::namespaced(client.clone(), ns);
+    api.patch("m", &PatchParams::apply("peat-test").force(), &Patch::Apply(&rollout)).await.expect("applying");
+}
+
+/// The rollout's Ready condition reason, when its status says `pred`.
+async fn ready_reason(client: &kube::Client, ns: &str, what: &str, pred: impl Fn(&str) -> bool) -> ModelRollout {
+    let api: Api<ModelRollout> = Api::namespaced(client.clone(), ns);
+    support::eventually(what, T, || async {
+        let r = api.get("m").await.ok()?;
+        let ready = r.status.as_ref()?.conditions.iter().find(|c| c.type_ == "Ready")?.reason.clone();
+        pred(&ready).then_some(r)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn credentials_are_per_namespace_and_a_rotated_secret_is_honoured() {
+    controller().await;
+    let a = support::ctx("creds-a").await;
+    let b = support::ctx("creds-b").await;
+    let users = vec![("alice".to_string(), "a-pass".to_string()), ("bob".to_string(), "b-pass".to_string())];
+    let security = RegistrySecurity { users, tls: false };
+    let registry = Registry::start_secured(&a.env.binaries.registry, &a.env.dir.join(&a.ns).join("registry"), security)
+        .await
+        .expect("a registry with htpasswd");
+    let repo = format!("{}/models/m", registry.addr);
+    let access =
+        peat::oci::RegistryAccess { insecure: true, auth: RegistryAuth::Basic("alice".into(), "a-pass".into()) };
+    let files = vec![("model.onnx", pseudo_random(71, 1 << 20))];
+    push_variant_bytes(&access.push_client(), &access.auth, &repo, "1.0.0", &cpu(), &files).await.expect("pushing");
+
+    pull_secret(&a.client, &a.ns, &registry.addr, "alice", "a-pass").await;
+    pull_secret(&b.client, &b.ns, &registry.addr, "bob", "wrong").await;
+    let (na, nb) = (format!("{}-n", a.ns), format!("{}-n", b.ns));
+    for n in [&na, &nb] {
+        create_node(&a.client, n, &[]).await;
+    }
+    let agent_a = start_agent(&na, &a.env.dir.join(&a.ns).join("store"), &[]);
+    let _agent_b = start_agent(&nb, &b.env.dir.join(&b.ns).join("store"), &[]);
+    let spec = |node: &str| {
+        json!({"model": "m", "version": "1.0.0", "scope": {"nodes": [node]},
+               "source": {"repository": repo, "insecure": true, "pullSecret": "pull"}})
+    };
+    apply(&a.client, &a.ns, spec(&na)).await;
+    apply(&b.client, &b.ns, spec(&nb)).await;
+
+    // A converges with its credentials; B is refused with its own, whatever A read.
+    support::wait_rollout(&a.client, &a.ns, "m", "A converged", T, |r| {
+        r.status.as_ref().is_some_and(|s| s.phase == RolloutPhase::Converged && s.converged == 1)
+    })
+    .await;
+    assert!(agent_a.store.join("models/m/current/model.onnx").exists());
+    let refused = ready_reason(&b.client, &b.ns, "B refused", |r| r == "RegistryUnauthorized").await;
+    let ready = refused.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Ready").unwrap();
+    assert!(ready.message.contains("refused access"), "{}", ready.message);
+    let mds_b: Api<ModelDeployment> = Api::namespaced(b.client.clone(), &b.ns);
+    assert!(mds_b.list(&Default::default()).await.unwrap().items.is_empty(), "nothing planned without access");
+
+    // B's secret fixed: the change triggers B's reconcile, which uses it with a client of its own.
+    pull_secret(&b.client, &b.ns, &registry.addr, "bob", "b-pass").await;
+    support::wait_rollout(&b.client, &b.ns, "m", "B converged after its secret was fixed", T, |r| {
+        r.status.as_ref().is_some_and(|s| s.phase == RolloutPhase::Converged && s.converged == 1)
+    })
+    .await;
+
+    // A's secret rotated to a wrong password: the change triggers A's reconcile, and A's pinned
+    // index is not served from what the old credentials read: Ready says the registry refuses.
+    pull_secret(&a.client, &a.ns, &registry.addr, "alice", "rotated-wrong").await;
+    let r = ready_reason(&a.client, &a.ns, "A refused after the rotation", |r| r == "RegistryUnauthorized").await;
+    let st = r.status.unwrap();
+    assert_eq!((st.phase, st.converged), (RolloutPhase::Converged, 1), "what is on the nodes stands");
+}
