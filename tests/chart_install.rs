@@ -1,6 +1,7 @@
 //! `helm install` of the chart into the real environment (every object created; no kubelet, so no
 //! pod runs), and node confinement: the agent's service account, impersonated with the node-name
-//! extra a pod-bound token carries, may write its own node's objects and is denied another's.
+//! extra a pod-bound token carries, may write its own node's objects and is denied another's; it
+//! reads Secrets in the release namespace only (`kubectl auth can-i`).
 
 mod support;
 
@@ -74,6 +75,7 @@ async fn helm_install_creates_everything_and_confines_agents_to_their_node() {
             format!("{name}-controller"),
         ),
         ("rbac.authorization.k8s.io", "v1", "Role", "roles", true, format!("{name}-leader-election")),
+        ("rbac.authorization.k8s.io", "v1", "Role", "roles", true, format!("{name}-agent-pull-secrets")),
         (
             "admissionregistration.k8s.io",
             "v1",
@@ -102,6 +104,28 @@ async fn helm_install_creates_everything_and_confines_agents_to_their_node() {
             if namespaced { Api::namespaced_with(client.clone(), ns, &ar) } else { Api::all_with(client.clone(), &ar) };
         assert!(api.get_opt(&obj).await.unwrap().is_some(), "{kind} {obj} was not created");
     }
+
+    // Secrets: the agent may read the controller's pull secret copies in the release namespace, and
+    // no other Secret (this one, in another namespace, is unrelated).
+    let other = support::ctx("chart-install-other").await;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &other.ns);
+    let unrelated =
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "unrelated"}, "stringData": {"k": "v"}});
+    secrets.patch("unrelated", &PatchParams::apply("peat-test"), &Patch::Apply(&unrelated)).await.unwrap();
+    let agent_sa = format!("system:serviceaccount:{ns}:{name}-agent");
+    let can_i = |what: &str, in_ns: &str| {
+        let out = support::kubectl(&["auth", "can-i", "get", what, "-n", in_ns, "--as", &agent_sa]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    support::eventually("the agent's Role in force", std::time::Duration::from_secs(30), || async {
+        (can_i("secrets", ns) == "yes").then_some(())
+    })
+    .await;
+    assert_eq!(can_i("secret/unrelated", &other.ns), "no", "an agent reads an unrelated Secret");
+    assert_eq!(can_i("secrets", "default"), "no");
+    let controller_sa = format!("system:serviceaccount:{ns}:{name}-controller");
+    let out = support::kubectl(&["auth", "can-i", "create", "secrets", "-n", ns, "--as", &controller_sa]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "yes", "the controller writes the copies");
 
     // Two nodes with their ModelNodes and one ModelDeployment each.
     let (a, b) = (format!("{ns}-a"), format!("{ns}-b"));

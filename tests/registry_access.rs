@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use oci_client::secrets::RegistryAuth;
 use peat::api::{ModelDeployment, ModelRollout, RolloutPhase};
@@ -18,17 +19,19 @@ use tokio::sync::OnceCell;
 
 const T: Duration = Duration::from_secs(90);
 
-static CONTROLLER: OnceCell<support::ControllerProc> = OnceCell::const_new();
+static CONTROLLER: OnceCell<(support::ControllerProc, String)> = OnceCell::const_new();
 
-async fn controller() {
-    CONTROLLER
+/// The controller of this binary; returns its namespace (where it copies pull secrets).
+async fn controller() -> &'static str {
+    let (_, ns) = CONTROLLER
         .get_or_init(|| async {
             let ctx = support::ctx("peat-system").await;
             let c = support::start_controller("controller", &ctx.ns, &[]).await;
             c.wait_leading(T).await;
-            c
+            (c, ctx.ns)
         })
         .await;
+    ns
 }
 
 fn cpu() -> VariantMeta {
@@ -68,7 +71,7 @@ async fn ready_reason(client: &kube::Client, ns: &str, what: &str, pred: impl Fn
 
 #[tokio::test]
 async fn credentials_are_per_namespace_and_a_rotated_secret_is_honoured() {
-    controller().await;
+    let peat_ns = controller().await;
     let a = support::ctx("creds-a").await;
     let b = support::ctx("creds-b").await;
     let users = vec![("alice".to_string(), "a-pass".to_string()), ("bob".to_string(), "b-pass".to_string())];
@@ -122,4 +125,18 @@ async fn credentials_are_per_namespace_and_a_rotated_secret_is_honoured() {
     let r = ready_reason(&a.client, &a.ns, "A refused after the rotation", |r| r == "RegistryUnauthorized").await;
     let st = r.status.unwrap();
     assert_eq!((st.phase, st.converged), (RolloutPhase::Converged, 1), "what is on the nodes stands");
+
+    // The agents read the controller's copies in its namespace; a copy goes with the last rollout naming it.
+    let copies: Api<Secret> = Api::namespaced(a.client.clone(), peat_ns);
+    let copy_b = peat::api::shared::pull_secret_copy_name(&b.ns, "pull");
+    let copy = copies.get(&copy_b).await.expect("B's pull secret copied for the agents");
+    assert_eq!(copy.annotations().get("peat.dev/copied-from"), Some(&format!("{}/pull", b.ns)));
+    let rollouts_b: Api<ModelRollout> = Api::namespaced(b.client.clone(), &b.ns);
+    rollouts_b.delete("m", &Default::default()).await.unwrap();
+    support::eventually("B's copy deleted with B's rollout", T, || async {
+        matches!(copies.get_opt(&copy_b).await, Ok(None)).then_some(())
+    })
+    .await;
+    let copy_a = peat::api::shared::pull_secret_copy_name(&a.ns, "pull");
+    assert!(copies.get_opt(&copy_a).await.unwrap().is_some(), "A's copy stays while A names it");
 }

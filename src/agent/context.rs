@@ -12,7 +12,8 @@ use super::options::Options;
 use super::store::Store;
 use super::transfer::{self, RateLimiter, Source, TransferError};
 use crate::api::ModelDeployment;
-use crate::oci::client::{Clients, auth_from_secret, parse_reference};
+use crate::api::shared::pull_secret_copy_name;
+use crate::oci::client::{Clients, OciError, auth_from_secret, parse_reference};
 
 /// Field manager of everything the agent writes.
 pub const FIELD_MANAGER: &str = "peat-agent";
@@ -42,9 +43,18 @@ impl Agent {
     pub(super) async fn source_for(&self, md: &ModelDeployment) -> Result<Source, TransferError> {
         let r = parse_reference(&md.spec.artifact)?;
         let registry = r.resolve_registry().to_string();
-        let auth = match &md.spec.pull_secret {
-            Some(name) => auth_from_secret(&self.client, &md.namespace().unwrap_or_default(), name, &registry).await?,
-            None => RegistryAuth::Anonymous,
+        let ns = md.namespace().unwrap_or_default();
+        let auth = match (&md.spec.pull_secret, &self.opts.secret_namespace) {
+            (Some(name), Some(copies)) => {
+                let copy = pull_secret_copy_name(&ns, name);
+                auth_from_secret(&self.client, copies, &copy, &registry).await.map_err(|e| {
+                    OciError::BadCredentials(format!(
+                        "the controller's copy of pull secret {ns}/{name} ({copies}/{copy}): {e}"
+                    ))
+                })?
+            }
+            (Some(name), None) => auth_from_secret(&self.client, &ns, name, &registry).await?,
+            (None, _) => RegistryAuth::Anonymous,
         };
         let client = self.clients.get(&registry, md.spec.insecure, &auth);
         Ok(Source { client, auth })

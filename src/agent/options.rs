@@ -14,6 +14,11 @@ pub struct Options {
     /// This node's name (the Downward API's `spec.nodeName` in the chart).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
+    /// Namespace of the pull secret copies the controller writes (the chart's, from POD_NAMESPACE):
+    /// the only Secrets the agent reads. Without it the agent reads a deployment's pull secret in
+    /// the deployment's namespace (which needs cluster-wide read access to Secrets).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub secret_namespace: Option<String>,
     /// The store directory (a hostPath in the chart).
     #[arg(long, default_value = "/var/lib/peat", env = "PEAT_STORE")]
     pub store: PathBuf,

@@ -16,6 +16,16 @@ pub const LABEL_NODE: &str = "peat.dev/node";
 pub const LABEL_VERSION: &str = "peat.dev/version";
 /// Node label that puts a node into a formation (`scope.formation`).
 pub const LABEL_FORMATION: &str = "peat.dev/formation";
+/// Name of the copy, in the peat namespace, of the pull secret `name` of namespace `ns`: the
+/// controller writes it, agents read it (they may read Secrets in that namespace only).
+pub fn pull_secret_copy_name(ns: &str, name: &str) -> String {
+    use sha2::{Digest, Sha256};
+    // 10 bytes (20 hex digits) of sha256("<ns>/<name>"): a valid name whatever the lengths.
+    let digest = Sha256::digest(format!("{ns}/{name}").as_bytes());
+    let hex: String = digest[..10].iter().map(|b| format!("{b:02x}")).collect();
+    format!("peat-pull-{hex}")
+}
+
 /// Prefix of the Node label the agent sets while a model is Operational: `models.peat.dev/<model>=<version>`.
 pub const NODE_MODEL_LABEL_PREFIX: &str = "models.peat.dev/";
 

@@ -25,6 +25,10 @@ pub struct Context {
     pub(crate) resolver: resolve::Resolver,
     pub(crate) failures: Mutex<HashMap<String, u32>>,
     pub(crate) heartbeat_timeout: Duration,
+    /// Where pull secrets are copied for the agents.
+    pub(crate) secret_namespace: String,
+    /// Copies written by this process: name → fingerprint of what was written.
+    pub(crate) secret_copies: Mutex<HashMap<String, String>>,
 }
 
 impl Context {

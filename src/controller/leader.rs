@@ -98,6 +98,7 @@ pub(crate) async fn run_controller(
         r = ready.wait_for(|r| *r) => if r.is_err() { return },
     }
     reconcile::sweep_orphans(&ctx).await;
+    super::secrets::sweep_pull_secret_copies(&ctx, None).await;
     // A lagging receiver lost triggers it cannot name: reconcile everything instead.
     let store = ctx.rollouts.clone();
     let refs = BroadcastStream::new(triggers.subscribe()).flat_map(move |r| {

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod options;
 mod reconcile;
 pub mod resolve;
+mod secrets;
 mod triggers;
 mod watches;
 mod writes;
@@ -74,6 +75,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         resolver: resolve::Resolver::default(),
         failures: Mutex::new(HashMap::new()),
         heartbeat_timeout: opts.heartbeat_timeout,
+        secret_namespace: opts.secret_namespace.clone().unwrap_or_else(|| opts.lease_namespace.clone()),
+        secret_copies: Mutex::new(HashMap::new()),
     });
 
     let result = if opts.leader_elect {

@@ -21,6 +21,10 @@ pub struct Options {
     /// Namespace of the Lease (default: the pod's namespace from POD_NAMESPACE, else `default`).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub lease_namespace: String,
+    /// Namespace the pull secrets that rollouts name are copied into, the only one where agents may
+    /// read Secrets (default: the Lease's namespace, i.e. the chart's).
+    #[arg(long)]
+    pub secret_namespace: Option<String>,
     /// Name of the Lease.
     #[arg(long, default_value = "peat-controller")]
     pub lease_name: String,

@@ -18,6 +18,7 @@ use tracing::{info, instrument, warn};
 use super::context::{Context, key};
 use super::metrics::{ErrorLabels, RolloutLabels};
 use super::resolve::{ResolveError, TagNow};
+use super::secrets;
 use super::writes::{self, StatusWriter, delete_if_present, publish};
 use crate::api::shared::LABEL_MODEL;
 use crate::api::{ModelDeployment, ModelRollout, ModelRolloutStatus, RolloutPhase};
@@ -62,9 +63,10 @@ impl Error {
     }
 }
 
-/// Entry point of the kube-runtime Controller.
 /// How often a rollout with an ETA is looked at without an event (a stall decays the ETA).
 const ETA_REFRESH: Duration = Duration::from_secs(10);
+
+/// Entry point of the kube-runtime Controller.
 
 #[instrument(skip_all, fields(rollout = %key(&rollout)))]
 pub async fn reconcile(rollout: Arc<ModelRollout>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -174,6 +176,8 @@ async fn apply(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result<Action, Error>
         return rec.record_abort(&abort, &target).await;
     }
     let (plan, target, tag_recheck) = rec.plan(&seen, targets, target, &abort).await?;
+    // Before the deployments that name it: the agents read the copy.
+    secrets::copy_pull_secret(&ctx, &r).await?;
     writes::apply_plan(&ctx, &r, &plan, &seen.deployments).await?;
     let recheck = rec.report(seen.deployments, &plan, &target, abort).await?;
     // Heartbeats age without events: look again when the first one would expire; and at the tag,
@@ -436,6 +440,7 @@ async fn cleanup(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result<Action, Erro
         }
     }
     ctx.metrics.forget(&labels(&r));
+    secrets::sweep_pull_secret_copies(&ctx, Some(&uid)).await;
     ctx.resolver.forget(&uid);
     ctx.failures.lock().expect("failures lock").remove(&uid);
     info!(deleted = owned.len(), "rollout deleted: removed its ModelDeployments");

@@ -35,6 +35,9 @@ pub fn start_agent(node: &str, store: &Path, extra: &[&str]) -> AgentProc {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    if let Some(ns) = super::controller::SECRET_NAMESPACE.lock().unwrap().clone() {
+        args.extend(["--secret-namespace".to_string(), ns]);
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     AgentProc { process: spawn_agent(node, &args, &log), node: node.into(), store: store.to_path_buf(), log, args }
 }

@@ -13,9 +13,14 @@ pub struct ControllerProc {
     pub log: PathBuf,
 }
 
+/// The namespace of the controller started last: it copies pull secrets there, and agents started
+/// after it read them there (as the chart's agents read them in the chart's namespace).
+pub(crate) static SECRET_NAMESPACE: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
 /// Starts `peat controller` against this binary's environment and waits until it is ready.
 pub async fn start_controller(name: &str, lease_namespace: &str, extra: &[&str]) -> ControllerProc {
     let env = env();
+    *SECRET_NAMESPACE.lock().unwrap() = Some(lease_namespace.to_string());
     let metrics_addr = format!("127.0.0.1:{}", crate::free_port().expect("a free port"));
     let log = env.dir.join("logs").join(format!("{name}.log"));
     let mut args: Vec<String> = vec![
