@@ -204,6 +204,24 @@ async fn invalid_specs_are_refused_with_a_message_naming_the_field() {
             &["spec.source.repository"],
         ),
         (
+            "caBundle that holds no PEM certificate",
+            with(base.clone(), "spec.source.caBundle", json!("not a certificate")),
+            &["spec.source.caBundle", "PEM certificates"],
+        ),
+        (
+            "caBundle with insecure",
+            with(
+                with(
+                    base.clone(),
+                    "spec.source.caBundle",
+                    json!("-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----"),
+                ),
+                "spec.source.insecure",
+                json!(true),
+            ),
+            &["spec.source", "exclude each other"],
+        ),
+        (
             "repository with a space",
             with(base.clone(), "spec.source.repository", json!("reg:5000/models/target recognition")),
             &["spec.source.repository", "OCI reference grammar"],

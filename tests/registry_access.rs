@@ -80,10 +80,12 @@ async fn credentials_are_per_namespace_and_a_rotated_secret_is_honoured() {
         .await
         .expect("a registry with htpasswd");
     let repo = format!("{}/models/m", registry.addr);
-    let access =
-        peat::oci::RegistryAccess { insecure: true, auth: RegistryAuth::Basic("alice".into(), "a-pass".into()) };
+    let auth = RegistryAuth::Basic("alice".into(), "a-pass".into());
+    let access = peat::oci::RegistryAccess { insecure: true, auth, ca_bundle: None };
     let files = vec![("model.onnx", pseudo_random(71, 1 << 20))];
-    push_variant_bytes(&access.push_client(), &access.auth, &repo, "1.0.0", &cpu(), &files).await.expect("pushing");
+    push_variant_bytes(&access.push_client().unwrap(), &access.auth, &repo, "1.0.0", &cpu(), &files)
+        .await
+        .expect("pushing");
 
     pull_secret(&a.client, &a.ns, &registry.addr, "alice", "a-pass").await;
     pull_secret(&b.client, &b.ns, &registry.addr, "bob", "wrong").await;
@@ -139,4 +141,56 @@ async fn credentials_are_per_namespace_and_a_rotated_secret_is_honoured() {
     .await;
     let copy_a = peat::api::shared::pull_secret_copy_name(&a.ns, "pull");
     assert!(copies.get_opt(&copy_a).await.unwrap().is_some(), "A's copy stays while A names it");
+}
+
+#[tokio::test]
+async fn a_tls_registry_with_a_private_ca_is_trusted_with_the_bundle_and_refused_without() {
+    controller().await;
+    let ctx = support::ctx("tls").await;
+    let security = RegistrySecurity { users: vec![], tls: true };
+    let registry =
+        Registry::start_secured(&ctx.env.binaries.registry, &ctx.env.dir.join(&ctx.ns).join("registry"), security)
+            .await
+            .expect("a registry serving TLS");
+    let ca = registry.ca_pem.clone().expect("its CA");
+    let repo = format!("{}/models/m", registry.addr);
+    // peat push trusts it with the CA (--ca-file), as the controller and agents will.
+    let dir = ctx.env.dir.join(&ctx.ns).join("model");
+    std::fs::create_dir_all(&dir).unwrap();
+    let bytes = pseudo_random(81, 1 << 20);
+    std::fs::write(dir.join("model.onnx"), &bytes).unwrap();
+    let ca_file = ctx.env.dir.join(&ctx.ns).join("ca.pem");
+    std::fs::write(&ca_file, &ca).unwrap();
+    let push = |extra: &[&str]| {
+        let mut args = vec!["push".to_string(), dir.display().to_string(), "--repository".into(), repo.clone()];
+        args.extend(["--version", "1.0.0", "--variant", "int8-cpu", "--providers", "cpu"].map(String::from));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        std::process::Command::new(support::peat_binary()).args(&args).output().expect("running peat push")
+    };
+    let refused = push(&[]);
+    assert!(!refused.status.success(), "pushed without trusting the CA");
+    let pushed = push(&["--ca-file", &ca_file.display().to_string()]);
+    assert!(pushed.status.success(), "{}", String::from_utf8_lossy(&pushed.stderr));
+
+    let node = format!("{}-n", ctx.ns);
+    create_node(&ctx.client, &node, &[]).await;
+    let agent = start_agent(&node, &ctx.env.dir.join(&ctx.ns).join("store"), &[]);
+    // Without the bundle: refused, with a message that says what to do.
+    let spec = json!({"model": "m", "version": "1.0.0", "scope": {"nodes": [node]}, "source": {"repository": repo}});
+    apply(&ctx.client, &ctx.ns, spec.clone()).await;
+    let r = ready_reason(&ctx.client, &ctx.ns, "refused without the CA", |r| r == "RegistryUnreachable").await;
+    let ready = r.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Ready").unwrap();
+    assert!(ready.message.contains("not trusted") && ready.message.contains("caBundle"), "{}", ready.message);
+    // With it: the controller resolves, the agent pulls through the CA's copy, the bytes arrive.
+    let mut with_ca = spec;
+    with_ca["source"]["caBundle"] = json!(ca);
+    apply(&ctx.client, &ctx.ns, with_ca).await;
+    support::wait_rollout(&ctx.client, &ctx.ns, "m", "converged with the CA bundle", T, |r| {
+        r.status.as_ref().is_some_and(|s| s.phase == RolloutPhase::Converged && s.converged == 1)
+    })
+    .await;
+    assert!(std::fs::read(agent.store.join("models/m/current/model.onnx")).unwrap() == bytes);
+    let md: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), &ctx.ns);
+    let md = md.get(&ModelDeployment::name_for("m", &node)).await.unwrap();
+    assert_eq!(md.spec.ca_bundle_secret, Some(peat::api::shared::ca_bundle_copy_name(&ca)), "a name, not the PEM");
 }

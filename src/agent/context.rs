@@ -13,7 +13,7 @@ use super::store::Store;
 use super::transfer::{self, RateLimiter, Source, TransferError};
 use crate::api::ModelDeployment;
 use crate::api::shared::pull_secret_copy_name;
-use crate::oci::client::{Clients, OciError, auth_from_secret, parse_reference};
+use crate::oci::client::{Clients, OciError, auth_from_secret, parse_reference, secret_text};
 
 /// Field manager of everything the agent writes.
 pub const FIELD_MANAGER: &str = "peat-agent";
@@ -56,7 +56,17 @@ impl Agent {
             (Some(name), None) => auth_from_secret(&self.client, &ns, name, &registry).await?,
             (None, _) => RegistryAuth::Anonymous,
         };
-        let client = self.clients.get(&registry, md.spec.insecure, &auth);
+        let ca_bundle = match (&md.spec.ca_bundle_secret, &self.opts.secret_namespace) {
+            (Some(name), Some(copies)) => Some(secret_text(&self.client, copies, name, "ca.crt").await?),
+            (Some(name), None) => {
+                let why = format!(
+                    "the CA bundle copy {name} is in the controller's namespace: start the agent with --secret-namespace"
+                );
+                return Err(OciError::BadCaBundle(why).into());
+            }
+            (None, _) => None,
+        };
+        let client = self.clients.get(&registry, md.spec.insecure, ca_bundle.as_deref(), &auth)?;
         Ok(Source { client, auth })
     }
 }

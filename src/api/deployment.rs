@@ -56,6 +56,11 @@ pub struct ModelDeploymentSpec {
     #[serde(default)]
     pub insecure: bool,
 
+    /// Secret in the peat namespace holding the CA bundle (key `ca.crt`) to trust for the
+    /// registry's TLS certificate: the controller's copy of the rollout's `source.caBundle`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle_secret: Option<String>,
+
     /// Secret (in this namespace) with registry credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pull_secret: Option<String>,

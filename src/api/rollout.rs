@@ -91,6 +91,10 @@ pub struct ModelRolloutSpec {
 /// Where the model's artifacts live.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!(has(self.insecure) && self.insecure && has(self.caBundle))")
+        .message("insecure (plain HTTP) and caBundle (TLS with a private CA) exclude each other")
+)]
 pub struct ModelSource {
     /// OCI repository holding one image index per version, tagged with the version
     /// (e.g. `registry.example:5000/models/target-recognition`; no tag or digest).
@@ -115,9 +119,20 @@ pub struct ModelSource {
     #[schemars(length(max = 253))]
     pub pull_secret: Option<String>,
 
-    /// Talk plain HTTP to the registry (for a local registry without TLS).
+    /// Talk plain HTTP to the registry: for a lab registry without TLS only (nothing is encrypted
+    /// or authenticated). A registry with a certificate from a private CA needs `caBundle` instead.
     #[serde(default)]
     pub insecure: bool,
+
+    /// PEM certificates of the CAs to trust for the registry's TLS certificate, besides the
+    /// system's (a private CA). The controller uses them and copies them for the agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(
+        validation = Rule::new("self.contains('-----BEGIN CERTIFICATE-----') && self.contains('-----END CERTIFICATE-----')")
+            .message("caBundle must hold PEM certificates (-----BEGIN CERTIFICATE----- … -----END CERTIFICATE-----)")
+    )]
+    #[schemars(length(max = 65536))]
+    pub ca_bundle: Option<String>,
 }
 
 /// Which variant a node gets.

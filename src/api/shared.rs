@@ -26,6 +26,15 @@ pub fn pull_secret_copy_name(ns: &str, name: &str) -> String {
     format!("peat-pull-{hex}")
 }
 
+/// Name of the copy, in the peat namespace, of a rollout's `source.caBundle` (key `ca.crt`):
+/// content-addressed, so rollouts with the same CA share one.
+pub fn ca_bundle_copy_name(pem: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(pem.as_bytes());
+    let hex: String = digest[..10].iter().map(|b| format!("{b:02x}")).collect();
+    format!("peat-ca-{hex}")
+}
+
 /// Prefix of the Node label the agent sets while a model is Operational: `models.peat.dev/<model>=<version>`.
 pub const NODE_MODEL_LABEL_PREFIX: &str = "models.peat.dev/";
 

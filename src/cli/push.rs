@@ -38,9 +38,12 @@ pub struct PushArgs {
     /// `os/arch` for an architecture-specific variant (`linux/arm64`).
     #[arg(long)]
     pub platform: Option<String>,
-    /// Plain HTTP to the registry.
+    /// Plain HTTP to the registry (a lab registry without TLS).
     #[arg(long)]
     pub insecure: bool,
+    /// PEM file of CAs to trust for the registry's TLS certificate (a private CA).
+    #[arg(long, conflicts_with = "insecure")]
+    pub ca_file: Option<PathBuf>,
     /// Docker config with credentials (default `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`).
     #[arg(long, env = "PEAT_REGISTRY_CONFIG")]
     pub registry_config: Option<PathBuf>,
@@ -105,8 +108,14 @@ pub async fn run(args: PushArgs) -> anyhow::Result<()> {
     } else {
         ProgressBar::hidden()
     };
-    let access = RegistryAccess { insecure: args.insecure, auth: auth.clone() };
-    let client = access.push_client();
+    let ca_bundle = match &args.ca_file {
+        Some(p) => {
+            Some(std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("reading --ca-file {}: {e}", p.display()))?)
+        }
+        None => None,
+    };
+    let access = RegistryAccess { insecure: args.insecure, auth: auth.clone(), ca_bundle };
+    let client = access.push_client()?;
     let digest =
         push_dir(&client, &auth, &args.repository, &args.version, &meta, &args.dir, Arc::new(Bar(bar.clone()))).await;
     bar.finish_and_clear();

@@ -177,7 +177,7 @@ async fn apply(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result<Action, Error>
     }
     let (plan, target, tag_recheck) = rec.plan(&seen, targets, target, &abort).await?;
     // Before the deployments that name it: the agents read the copy.
-    secrets::copy_pull_secret(&ctx, &r).await?;
+    secrets::copy_for_agents(&ctx, &r).await?;
     writes::apply_plan(&ctx, &r, &plan, &seen.deployments).await?;
     let recheck = rec.report(seen.deployments, &plan, &target, abort).await?;
     // Heartbeats age without events: look again when the first one would expire; and at the tag,

@@ -45,6 +45,7 @@ impl ResolveError {
             ResolveError::Registry(OciError::Unauthorized { .. }) => "RegistryUnauthorized",
             ResolveError::Registry(OciError::Layout { .. }) => "InvalidArtifact",
             ResolveError::Registry(OciError::BadReference { .. }) => "InvalidReference",
+            ResolveError::Registry(OciError::BadCaBundle(_)) => "CaBundleUnusable",
             ResolveError::Registry(_) => "RegistryError",
             ResolveError::PullSecret { .. } => "PullSecretUnusable",
         }
@@ -85,6 +86,12 @@ pub struct Resolver {
     rechecks: Mutex<HashMap<String, Recheck>>,
 }
 
+/// Names the credentials and the trusted CAs a read was made with (not the secrets themselves).
+fn access_fingerprint(rollout: &ModelRollout, auth: &RegistryAuth) -> String {
+    let ca = rollout.spec.source.ca_bundle.as_deref().map(crate::api::shared::ca_bundle_copy_name);
+    format!("{}|{}", auth_fingerprint(auth), ca.unwrap_or_default())
+}
+
 fn recheck_key(rollout: &ModelRollout, version: &str) -> String {
     format!("{}/{version}", rollout.uid().unwrap_or_default())
 }
@@ -120,7 +127,7 @@ impl Resolver {
         let repo = &rollout.spec.source.repository;
         if let Some(d) = pinned_digest {
             let (_, auth) = self.access(client, rollout).await?;
-            let key = format!("{}|{repo}@{d}", auth_fingerprint(&auth));
+            let key = format!("{}|{repo}@{d}", access_fingerprint(rollout, &auth));
             if let Some(hit) = self.by_digest.lock().expect("resolver lock").get(&key) {
                 return Ok(hit.clone());
             }
@@ -146,9 +153,10 @@ impl Resolver {
         reference: &str,
     ) -> Result<Resolved, ResolveError> {
         let (registry, auth) = self.access(client, rollout).await?;
-        let oci = self.clients.get(&registry, rollout.spec.source.insecure, &auth);
+        let source = &rollout.spec.source;
+        let oci = self.clients.get(&registry, source.insecure, source.ca_bundle.as_deref(), &auth)?;
         let resolved = resolve(&oci, &auth, reference).await?;
-        let key = format!("{}|{}@{}", auth_fingerprint(&auth), rollout.spec.source.repository, resolved.digest);
+        let key = format!("{}|{}@{}", access_fingerprint(rollout, &auth), source.repository, resolved.digest);
         self.by_digest.lock().expect("resolver lock").insert(key, resolved.clone());
         Ok(resolved)
     }

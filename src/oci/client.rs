@@ -53,6 +53,9 @@ pub enum OciError {
     /// A pull secret that cannot be used.
     #[error("pull secret: {0}")]
     BadCredentials(String),
+    /// A CA bundle that cannot be used.
+    #[error("caBundle: {0}")]
+    BadCaBundle(String),
     /// Anything else the registry client reported.
     #[error("{reference}: {message}")]
     Other {
@@ -87,7 +90,7 @@ impl OciError {
             OciDistributionError::ServerError { code: 401 | 403, message, .. } => {
                 OciError::Unauthorized { reference, message }
             }
-            OciDistributionError::RequestError(e) => OciError::Unreachable { reference, message: e.to_string() },
+            OciDistributionError::RequestError(e) => OciError::Unreachable { reference, message: request_error(&e) },
             OciDistributionError::ServerError { code, message, .. } if code >= 500 => {
                 OciError::Unreachable { reference, message: format!("HTTP {code}: {message}") }
             }
@@ -97,45 +100,105 @@ impl OciError {
 
     /// Whether waiting and trying again may help (anything but a malformed artifact or reference).
     pub fn is_transient(&self) -> bool {
-        !matches!(self, OciError::BadReference { .. } | OciError::Layout { .. } | OciError::BadCredentials(_))
+        !matches!(
+            self,
+            OciError::BadReference { .. }
+                | OciError::Layout { .. }
+                | OciError::BadCredentials(_)
+                | OciError::BadCaBundle(_)
+        )
     }
 }
 
-/// How to reach one registry: protocol and credentials.
+/// How to reach one registry: protocol, credentials, and the CAs to trust besides the system's.
 #[derive(Clone, Debug)]
 pub struct RegistryAccess {
     /// Plain HTTP.
     pub insecure: bool,
     /// Credentials.
     pub auth: RegistryAuth,
+    /// PEM certificates of CAs to trust for this registry's TLS certificate (a private CA).
+    pub ca_bundle: Option<String>,
 }
 
 impl Default for RegistryAccess {
     fn default() -> Self {
-        RegistryAccess { insecure: false, auth: RegistryAuth::Anonymous }
+        RegistryAccess { insecure: false, auth: RegistryAuth::Anonymous, ca_bundle: None }
     }
 }
 
 impl RegistryAccess {
-    /// A client for this access (oci-client keeps tokens per client; make one per registry and reuse it).
+    /// A client for this access (oci-client keeps tokens per client; make one per registry and
+    /// reuse it). A CA bundle that does not parse is an error here (oci-client would silently fall
+    /// back to a client that trusts only the system's CAs).
+    pub fn try_client(&self) -> Result<oci_client::Client, OciError> {
+        oci_client::Client::try_from(self.config()?).map_err(|e| OciError::BadCaBundle(e.to_string()))
+    }
+
+    /// [`try_client`](Self::try_client), for an access without a CA bundle or one known to parse.
     pub fn client(&self) -> oci_client::Client {
-        oci_client::Client::new(self.config())
+        self.try_client().unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// A client that uploads each blob in one streamed PUT (not 4 MiB PATCHes): for `peat push`.
-    pub fn push_client(&self) -> oci_client::Client {
-        oci_client::Client::new(ClientConfig { use_monolithic_push: true, ..self.config() })
+    pub fn push_client(&self) -> Result<oci_client::Client, OciError> {
+        let config = ClientConfig { use_monolithic_push: true, ..self.config()? };
+        oci_client::Client::try_from(config).map_err(|e| OciError::BadCaBundle(e.to_string()))
     }
 
-    fn config(&self) -> ClientConfig {
-        ClientConfig {
+    fn config(&self) -> Result<ClientConfig, OciError> {
+        let extra_root_certificates = match &self.ca_bundle {
+            Some(pem) => pem_certificates(pem)?,
+            None => Vec::new(),
+        };
+        Ok(ClientConfig {
             protocol: if self.insecure { ClientProtocol::Http } else { ClientProtocol::Https },
             // A registry that vanishes must surface as an error to retry, not a hang.
             connect_timeout: Some(std::time::Duration::from_secs(10)),
             read_timeout: Some(std::time::Duration::from_secs(60)),
+            extra_root_certificates,
             ..Default::default()
-        }
+        })
     }
+}
+
+/// The certificates of a PEM bundle, one per `BEGIN CERTIFICATE` block.
+pub fn pem_certificates(bundle: &str) -> Result<Vec<oci_client::client::Certificate>, OciError> {
+    const END: &str = "-----END CERTIFICATE-----";
+    let certs: Vec<_> = bundle
+        .split_inclusive(END)
+        .filter(|block| block.contains("-----BEGIN CERTIFICATE-----") && block.trim_end().ends_with(END))
+        .map(|block| oci_client::client::Certificate {
+            encoding: oci_client::client::CertificateEncoding::Pem,
+            data: block.trim().as_bytes().to_vec(),
+        })
+        .collect();
+    if certs.is_empty() {
+        return Err(OciError::BadCaBundle(
+            "no PEM certificate (-----BEGIN CERTIFICATE----- … -----END CERTIFICATE-----) in it".into(),
+        ));
+    }
+    Ok(certs)
+}
+
+/// A request error with its causes (reqwest's own message omits them: "error sending request"),
+/// and what to do when the registry's certificate is not trusted.
+fn request_error(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    let lower = message.to_lowercase();
+    if lower.contains("certificate") || lower.contains("unknownissuer") {
+        message.push_str(
+            " (the registry's TLS certificate is not trusted: give its CA in source.caBundle, or use \
+             source.insecure for a lab registry without TLS)",
+        );
+    }
+    message
 }
 
 /// Registry clients, one per (registry, protocol, credentials): oci-client keeps the credentials
@@ -155,15 +218,24 @@ pub fn auth_fingerprint(auth: &RegistryAuth) -> String {
 }
 
 impl Clients {
-    /// The client for `registry` with these credentials (made on first use).
-    pub fn get(&self, registry: &str, insecure: bool, auth: &RegistryAuth) -> oci_client::Client {
-        let fingerprint = auth_fingerprint(auth);
-        self.by_access
-            .lock()
-            .expect("registry clients lock")
-            .entry((registry.to_string(), insecure, fingerprint))
-            .or_insert_with(|| RegistryAccess { insecure, auth: RegistryAuth::Anonymous }.client())
-            .clone()
+    /// The client for `registry` with these credentials and CA bundle (made on first use).
+    pub fn get(
+        &self,
+        registry: &str,
+        insecure: bool,
+        ca_bundle: Option<&str>,
+        auth: &RegistryAuth,
+    ) -> Result<oci_client::Client, OciError> {
+        let ca = ca_bundle.map(|pem| super::digest::sha256_digest(pem.as_bytes())).unwrap_or_default();
+        let key = (registry.to_string(), insecure, format!("{}|{ca}", auth_fingerprint(auth)));
+        let mut clients = self.by_access.lock().expect("registry clients lock");
+        if let Some(c) = clients.get(&key) {
+            return Ok(c.clone());
+        }
+        let access = RegistryAccess { insecure, auth: RegistryAuth::Anonymous, ca_bundle: ca_bundle.map(String::from) };
+        let client = access.try_client()?;
+        clients.insert(key, client.clone());
+        Ok(client)
     }
 }
 
@@ -233,6 +305,15 @@ pub async fn auth_from_secret(
         .or_else(|| data.get(".dockercfg"))
         .ok_or_else(|| err("has no .dockerconfigjson key".into()))?;
     auth_from_docker_config(&raw.0, registry)
+}
+
+/// The text under `key` of Secret `namespace/name` (a CA bundle copy's `ca.crt`).
+pub async fn secret_text(client: &kube::Client, namespace: &str, name: &str, key: &str) -> Result<String, OciError> {
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(client.clone(), namespace);
+    let err = |m: String| OciError::BadCaBundle(format!("secret {namespace}/{name}: {m}"));
+    let secret = secrets.get(name).await.map_err(|e| err(e.to_string()))?;
+    let raw = secret.data.unwrap_or_default().remove(key).ok_or_else(|| err(format!("has no {key} key")))?;
+    String::from_utf8(raw.0).map_err(|_| err(format!("{key} is not UTF-8")))
 }
 
 /// A model version read from the registry.

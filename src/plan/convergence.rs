@@ -273,6 +273,7 @@ mod tests {
                 variant: "int8-cpu".into(),
                 artifact: format!("reg/{model}@sha256:00"),
                 insecure: false,
+                ca_bundle_secret: None,
                 pull_secret: None,
                 priority: Priority::Normal,
                 delta: true,

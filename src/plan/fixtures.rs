@@ -18,7 +18,7 @@ pub(crate) fn rollout(max_parallel: Option<IntOrString>) -> ModelRollout {
         ModelRolloutSpec {
             model: "vision".into(),
             version: "2.0.0".into(),
-            source: ModelSource { repository: "reg:5000/models/vision".into(), pull_secret: None, insecure: true },
+            source: ModelSource { repository: "reg:5000/models/vision".into(), insecure: true, ..Default::default() },
             variant: None,
             scope: ScopeSpec { all: Some(AllNodes {}), ..Default::default() },
             priority: Priority::Normal,
@@ -50,6 +50,7 @@ pub(crate) fn owned(
             variant: "int8-cpu".into(),
             artifact: format!("reg:5000/models/vision@{variant_digest}"),
             insecure: true,
+            ca_bundle_secret: None,
             pull_secret: None,
             priority: Priority::Normal,
             delta: true,

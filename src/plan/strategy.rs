@@ -140,6 +140,7 @@ pub fn deployment_spec(
         variant: variant.name.clone(),
         artifact: format!("{}@{}", spec.source.repository, variant.digest),
         insecure: spec.source.insecure,
+        ca_bundle_secret: spec.source.ca_bundle.as_deref().map(crate::api::shared::ca_bundle_copy_name),
         pull_secret: spec.source.pull_secret.clone(),
         priority: spec.priority,
         delta: spec.delta.as_ref().is_none_or(|d| d.enabled),
@@ -153,6 +154,7 @@ pub fn deployment_spec(
 fn refreshed(existing: &ModelDeploymentSpec, spec: &ModelRolloutSpec) -> ModelDeploymentSpec {
     ModelDeploymentSpec {
         insecure: spec.source.insecure,
+        ca_bundle_secret: spec.source.ca_bundle.as_deref().map(crate::api::shared::ca_bundle_copy_name),
         pull_secret: spec.source.pull_secret.clone(),
         priority: spec.priority,
         delta: spec.delta.as_ref().is_none_or(|d| d.enabled),

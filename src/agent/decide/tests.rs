@@ -31,6 +31,7 @@ fn md(name: &str, model: &str, version: &str, priority: Priority, age: i64) -> M
             variant: "int8-cpu".into(),
             artifact: format!("reg.example/{model}@{}", manifest_of(version)),
             insecure: false,
+            ca_bundle_secret: None,
             pull_secret: None,
             priority,
             delta: true,
