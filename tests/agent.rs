@@ -830,3 +830,125 @@ async fn a_full_store_evicts_kept_versions_to_make_room_and_keeps_the_active_one
     assert!(!store.join(format!("blobs/sha256/{}", &a1_blob[7..])).exists(), "with its blob");
     assert!(std::fs::read_to_string(&agent.log).unwrap().contains("evicted kept versions to make room"));
 }
+
+/// Runs the environment's oras (built from the Go module proxy) in `dir`.
+fn oras(s: &Setup, dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new(&s.ctx.env.binaries.oras)
+        .current_dir(dir)
+        .arg("push")
+        .arg("--plain-http")
+        .args(args)
+        .output()
+        .expect("running oras");
+    assert!(out.status.success(), "oras push {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn archives_from_oras_and_model_pack_are_unpacked_inside_the_version_only() {
+    let s = setup("agent-archives").await;
+    let src = s.dir.join("archives");
+    let weights = pseudo_random(91, MI);
+    std::fs::create_dir_all(src.join("weights/sub")).unwrap();
+    std::fs::write(src.join("weights/model.safetensors"), &weights).unwrap();
+    std::fs::write(src.join("weights/sub/tokenizer.json"), b"{\"v\":1}").unwrap();
+
+    // 1.0.0: `oras push dir/` (one tar+gzip layer marked for unpacking).
+    oras(&s, &src, &[&format!("{}:1.0.0", s.repo("m")), "weights/"]);
+    let agent = s.agent("n", &[]).await;
+    s.apply("m", "1.0.0", &[&agent], json!({})).await;
+    s.converged("m", "1.0.0", &[&agent]).await;
+    assert_active(
+        &agent.store,
+        "m",
+        "1.0.0",
+        &[("weights/model.safetensors", weights.clone()), ("weights/sub/tokenizer.json", b"{\"v\":1}".to_vec())],
+    );
+
+    // 2.0.0: a ModelPack artifact (model-spec v0.0.7 media types) of tar, tar+gzip and tar+zstd
+    // layers, the tars made by GNU tar, pushed by oras.
+    let pack = src.join("pack");
+    std::fs::create_dir_all(pack.join("docs")).unwrap();
+    std::fs::write(pack.join("model.safetensors"), &weights).unwrap();
+    std::fs::write(pack.join("config.json"), b"{\"arch\":\"x\"}").unwrap();
+    std::fs::write(pack.join("docs/README.md"), b"# m\n").unwrap();
+    let tar = |args: &[&str]| {
+        let out = std::process::Command::new("tar").current_dir(&src).args(args).output().expect("running tar");
+        assert!(out.status.success(), "tar {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    tar(&["-cf", "weights.tar", "-C", "pack", "model.safetensors"]);
+    tar(&["-czf", "config.tar.gz", "-C", "pack", "config.json"]);
+    tar(&["-cf", "docs.tar", "-C", "pack", "docs"]);
+    let zst = zstd::encode_all(std::fs::File::open(src.join("docs.tar")).unwrap(), 3).unwrap();
+    std::fs::write(src.join("docs.tar.zst"), zst).unwrap();
+    std::fs::write(
+        src.join("model-config.json"),
+        br#"{"descriptor":{"name":"m"},"modelfs":{"type":"layers","diffIds":[]},"config":{}}"#,
+    )
+    .unwrap();
+    let model_pack = |tag: &str, layers: &[&str]| {
+        let mut args = vec![
+            format!("{}:{tag}", s.repo("m")),
+            "--artifact-type".into(),
+            "application/vnd.cncf.model.manifest.v1+json".into(),
+            "--config".into(),
+            "model-config.json:application/vnd.cncf.model.config.v1+json".into(),
+        ];
+        args.extend(layers.iter().map(|l| l.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        oras(&s, &src, &args);
+    };
+    model_pack(
+        "2.0.0",
+        &[
+            "weights.tar:application/vnd.cncf.model.weight.v1.tar",
+            "config.tar.gz:application/vnd.cncf.model.weight.config.v1.tar+gzip",
+            "docs.tar.zst:application/vnd.cncf.model.doc.v1.tar+zstd",
+        ],
+    );
+    s.apply("m", "2.0.0", &[&agent], json!({})).await;
+    s.converged("m", "2.0.0", &[&agent]).await;
+    assert_active(
+        &agent.store,
+        "m",
+        "2.0.0",
+        &[
+            ("model.safetensors", weights.clone()),
+            ("config.json", b"{\"arch\":\"x\"}".to_vec()),
+            ("docs/README.md", b"# m\n".to_vec()),
+        ],
+    );
+
+    // 3.0.0: a tar whose entry climbs out of the version directory: refused before activation.
+    let mut b = ::tar::Builder::new(Vec::new());
+    let mut h = ::tar::Header::new_gnu();
+    h.as_old_mut().name[..13].copy_from_slice(b"../../escaped");
+    h.set_size(4);
+    h.set_mode(0o644);
+    h.set_entry_type(::tar::EntryType::Regular);
+    h.set_cksum();
+    b.append(&h, &b"evil"[..]).unwrap();
+    std::fs::write(src.join("evil.tar"), b.into_inner().unwrap()).unwrap();
+    model_pack("3.0.0", &["evil.tar:application/vnd.cncf.model.weight.v1.tar"]);
+    s.apply("m", "3.0.0", &[&agent], json!({})).await;
+    let md = s
+        .deployment_where("m", &agent, "3.0.0 failed", |m| {
+            m.spec.version == "3.0.0" && phase(m) == Some(DeploymentPhase::Failed)
+        })
+        .await;
+    let st = md.status.unwrap();
+    assert_eq!(st.reason, Some(BlockerReason::TransferFailed));
+    assert!(st.message.as_deref().unwrap_or_default().contains("escapes"), "{:?}", st.message);
+    assert_eq!(st.active_version.as_deref(), Some("2.0.0"));
+    assert!(!agent.store.join("models/m/3.0.0").exists() && !agent.store.join("escaped").exists());
+    assert!(!agent.store.join("models/escaped").exists() && !agent.store.join("models/m/escaped").exists());
+    assert_active(
+        &agent.store,
+        "m",
+        "2.0.0",
+        &[
+            ("model.safetensors", weights.clone()),
+            ("config.json", b"{\"arch\":\"x\"}".to_vec()),
+            ("docs/README.md", b"# m\n".to_vec()),
+        ],
+    );
+}

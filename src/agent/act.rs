@@ -374,5 +374,11 @@ async fn fetch_and_activate(
     };
     agent.inventory_changed.notify_one();
     debug!(md = %key_of(md), elapsed = ?started.elapsed(), "activated");
-    activated.map(|()| bytes).map_err(TransferError::Io)
+    activated.map(|()| bytes).map_err(|e| match e.kind() {
+        // An archive the store refused to unpack: the artifact is at fault, not the node.
+        std::io::ErrorKind::InvalidData => {
+            TransferError::BadArtifact { artifact: md.spec.artifact.clone(), why: e.to_string() }
+        }
+        _ => TransferError::Io(e),
+    })
 }

@@ -18,8 +18,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::DeletionPolicy;
 use crate::oci::digest::digest_hex;
+use crate::oci::layout::Archive;
 
 mod evict;
+pub mod unpack;
 
 /// One file of a version on disk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,6 +32,9 @@ pub struct FileRecord {
     pub digest: String,
     /// Bytes.
     pub size: u64,
+    /// An archive unpacked into the version directory (then `title` only names the layer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive: Option<Archive>,
 }
 
 /// One version of a model on disk.
@@ -235,16 +240,9 @@ impl Store {
             std::fs::remove_dir_all(&staging)?;
         }
         std::fs::create_dir(&staging)?;
-        for f in &record.files {
-            let rel = validate_title(&f.title).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            let dest = staging.join(&rel);
-            if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            let blob = self.blob_path(&f.digest)?;
-            if std::fs::hard_link(&blob, &dest).is_err() {
-                std::fs::copy(&blob, &dest)?;
-            }
+        if let Err(e) = self.fill(&staging, record) {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e);
         }
         let final_dir = self.version_dir(model, &record.version);
         let mut state = self.state(model);
@@ -269,6 +267,30 @@ impl Store {
         state.versions.retain(|v| v.version != record.version);
         state.versions.push(record.clone());
         self.save_state(model, &state)
+    }
+
+    /// Puts a version's files into `staging`: plain files as hard links to their verified blobs (a
+    /// copy across filesystems), archives unpacked. No two layers may give one path.
+    fn fill(&self, staging: &Path, record: &VersionRecord) -> io::Result<()> {
+        let mut taken: HashSet<PathBuf> = HashSet::new();
+        for f in record.files.iter().filter(|f| f.archive.is_none()) {
+            let rel = validate_title(&f.title).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            let dest = staging.join(&rel);
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let blob = self.blob_path(&f.digest)?;
+            if std::fs::hard_link(&blob, &dest).is_err() {
+                std::fs::copy(&blob, &dest)?;
+            }
+            taken.insert(rel);
+        }
+        for f in &record.files {
+            if let Some(archive) = f.archive {
+                unpack::unpack(&self.blob_path(&f.digest)?, archive, f.size, &f.title, staging, &mut taken)?;
+            }
+        }
+        Ok(())
     }
 
     fn point_current(&self, model: &str, target: &str) -> io::Result<()> {

@@ -120,6 +120,41 @@ pub fn variants_from_index(index: &OciImageIndex) -> Result<Vec<VariantInfo>, La
     Ok(out)
 }
 
+/// An archive layer, unpacked into the version directory instead of stored as one file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Archive {
+    /// A tar.
+    Tar,
+    /// A gzip-compressed tar.
+    TarGzip,
+    /// A zstd-compressed tar.
+    TarZstd,
+}
+
+/// ORAS marks a pushed directory (a tar+gzip layer) with this annotation.
+pub const ANN_ORAS_UNPACK: &str = "io.deis.oras.content.unpack";
+
+/// Whether a layer is an archive to unpack: a ModelPack layer (`application/vnd.cncf.model.*.tar`,
+/// `.tar+gzip`, `.tar+zstd`) or a directory pushed by ORAS (`io.deis.oras.content.unpack: "true"`).
+pub fn layer_archive(layer: &oci_client::manifest::OciDescriptor) -> Option<Archive> {
+    let mt = layer.media_type.as_str();
+    let oras_dir = layer.annotations.as_ref().and_then(|a| a.get(ANN_ORAS_UNPACK)).is_some_and(|v| v == "true");
+    let model_pack = mt.starts_with("application/vnd.cncf.model.");
+    if !(oras_dir || model_pack) {
+        return None;
+    }
+    if mt.ends_with(".tar") || mt.ends_with("tar") && oras_dir {
+        Some(Archive::Tar)
+    } else if mt.ends_with("tar+gzip") || mt.ends_with("tar.gzip") {
+        Some(Archive::TarGzip)
+    } else if mt.ends_with("tar+zstd") {
+        Some(Archive::TarZstd)
+    } else {
+        None
+    }
+}
+
 /// The relative path a layer's file takes in the model directory: `org.opencontainers.image.title`
 /// (peat, ORAS), else a CNCF ModelPack `…model.filepath` annotation. Chunk indexes have none.
 pub fn layer_title(layer: &oci_client::manifest::OciDescriptor) -> Option<&str> {

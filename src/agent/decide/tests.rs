@@ -59,6 +59,7 @@ fn on_disk(versions: &[&str], current: Option<&str>) -> (ModelState, Option<Stri
                 title: "model.onnx".into(),
                 digest: format!("sha256:{}", "b".repeat(64)),
                 size: 10,
+                archive: None,
             }],
             activated_at: 0,
         })
@@ -70,7 +71,10 @@ fn plan_with(layers: &[&str]) -> PullPlan {
     PullPlan {
         artifact: "a".into(),
         manifest_digest: "m".into(),
-        files: layers.iter().map(|d| FileLayer { title: format!("{d}.bin"), digest: d.to_string(), size: 1 }).collect(),
+        files: layers
+            .iter()
+            .map(|d| FileLayer { title: format!("{d}.bin"), digest: d.to_string(), size: 1, archive: None })
+            .collect(),
         chunk_indexes: BTreeMap::new(),
     }
 }

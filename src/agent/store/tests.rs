@@ -16,7 +16,7 @@ fn record(version: &str, files: &[(&str, &str, u64)]) -> VersionRecord {
         digest: format!("sha256:{}", "0".repeat(64)),
         files: files
             .iter()
-            .map(|(t, d, s)| FileRecord { title: t.to_string(), digest: d.to_string(), size: *s })
+            .map(|(t, d, s)| FileRecord { title: t.to_string(), digest: d.to_string(), size: *s, archive: None })
             .collect(),
         activated_at: 0,
     }

@@ -11,7 +11,7 @@ use crate::agent::store::{FileRecord, validate_title};
 use crate::oci::OciError;
 use crate::oci::client::parse_reference;
 use crate::oci::digest::{digest_hex, sha256_digest};
-use crate::oci::layout::{ANN_CHUNKS_OF, MEDIA_CHUNK_INDEX, layer_title};
+use crate::oci::layout::{ANN_CHUNKS_OF, Archive, MEDIA_CHUNK_INDEX, layer_archive, layer_title};
 
 /// One file of a variant.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,6 +22,8 @@ pub struct FileLayer {
     pub digest: String,
     /// Declared size.
     pub size: u64,
+    /// An archive to unpack (ModelPack tar layers, ORAS directories); `title` then names the layer.
+    pub archive: Option<Archive>,
 }
 
 /// What a pull of one variant manifest fetches.
@@ -47,7 +49,7 @@ impl PullPlan {
     pub fn records(&self) -> Vec<FileRecord> {
         self.files
             .iter()
-            .map(|f| FileRecord { title: f.title.clone(), digest: f.digest.clone(), size: f.size })
+            .map(|f| FileRecord { title: f.title.clone(), digest: f.digest.clone(), size: f.size, archive: f.archive })
             .collect()
     }
 
@@ -79,10 +81,16 @@ pub fn plan_from_manifest(
         if !seen.insert(title.clone()) {
             return Err(bad(format!("two layers are titled {title:?}")));
         }
-        files.push(FileLayer { title, digest: layer.digest.clone(), size: layer.size as u64 });
+        files.push(FileLayer {
+            title,
+            digest: layer.digest.clone(),
+            size: layer.size as u64,
+            archive: layer_archive(layer),
+        });
     }
-    for f in &files {
-        if files.iter().any(|g| g.title.starts_with(&format!("{}/", f.title))) {
+    // An archive's title names the layer, not a path: its entries are checked when unpacked.
+    for f in files.iter().filter(|f| f.archive.is_none()) {
+        if files.iter().any(|g| g.archive.is_none() && g.title.starts_with(&format!("{}/", f.title))) {
             return Err(bad(format!("{:?} is both a file and a directory", f.title)));
         }
     }
