@@ -141,6 +141,13 @@ async fn credentials_are_per_namespace_and_a_rotated_secret_is_honoured() {
     .await;
     let copy_a = peat::api::shared::pull_secret_copy_name(&a.ns, "pull");
     assert!(copies.get_opt(&copy_a).await.unwrap().is_some(), "A's copy stays while A names it");
+    // A's secret deleted (revoked): the agents' copy goes at once, not at the next sweep.
+    let secrets_a: Api<Secret> = Api::namespaced(a.client.clone(), &a.ns);
+    secrets_a.delete("pull", &Default::default()).await.unwrap();
+    support::eventually("A's copy deleted with its source", T, || async {
+        matches!(copies.get_opt(&copy_a).await, Ok(None)).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -89,6 +89,11 @@ impl Loop {
     async fn pass(&mut self) {
         loop {
             let deployments = self.cache.state();
+            *self.agent.wanted.lock().expect("wanted lock") = deployments
+                .iter()
+                .filter(|m| m.spec.node_name == self.agent.opts.node_name && m.metadata.deletion_timestamp.is_none())
+                .map(|m| (m.spec.model.clone(), m.spec.version.clone()))
+                .collect();
             let running: BTreeMap<String, RunningTransfer> = self
                 .running
                 .iter()
@@ -340,6 +345,7 @@ async fn fetch_and_activate(
         model: &md.spec.model,
         store_lock: &agent.store_lock,
         pinned: &agent.pinned,
+        wanted: &agent.wanted,
     };
     let fetched = transfer::fetch_layers(&t, plan).await;
     // Stopped and awaited, so no progress write lands after the final status.
@@ -364,13 +370,18 @@ async fn fetch_and_activate(
         if cancel.is_cancelled() {
             return Err(TransferError::Cancelled);
         }
-        agent
-            .store
-            .materialize(&md.spec.model, &record)
-            .and_then(|()| agent.store.activate(&md.spec.model, &md.spec.version))
-            .and_then(|()| agent.store.prune(&md.spec.model, agent.opts.keep_versions).map(|_| ()))
-            // With the activation, so a deletion right after it is handled by the holder's policy.
-            .and_then(|()| agent.store.hold(&md.spec.model, md.spec.deletion_policy))
+        // Off the async workers: hard links are quick, unpacking an archive may take minutes.
+        let (a, spec) = (agent.clone(), md.spec.clone());
+        tokio::task::spawn_blocking(move || {
+            a.store
+                .materialize(&spec.model, &record)
+                .and_then(|()| a.store.activate(&spec.model, &spec.version))
+                .and_then(|()| a.store.prune(&spec.model, a.opts.keep_versions).map(|_| ()))
+                // With the activation, so a deletion right after it is handled by the holder's policy.
+                .and_then(|()| a.store.hold(&spec.model, spec.deletion_policy))
+        })
+        .await
+        .expect("activation does not panic")
     };
     agent.inventory_changed.notify_one();
     debug!(md = %key_of(md), elapsed = ?started.elapsed(), "activated");

@@ -33,6 +33,8 @@ pub(crate) struct Agent {
     pub(super) in_flight: transfer::InFlight,
     /// Layer digests of each running transfer's plan: garbage collection keeps them.
     pub(super) pinned: Mutex<HashMap<String, HashSet<String>>>,
+    /// (model, version) the node's ModelDeployments ask for, as of the loop's last pass.
+    pub(super) wanted: Mutex<crate::agent::store::Versions>,
     /// Serializes changes of the store's model directories (activation, pruning, collection).
     pub(super) store_lock: tokio::sync::Mutex<()>,
     /// Wakes the heartbeat early (the inventory changed).
@@ -47,10 +49,14 @@ impl Agent {
         let auth = match (&md.spec.pull_secret, &self.opts.secret_namespace) {
             (Some(name), Some(copies)) => {
                 let copy = pull_secret_copy_name(&ns, name);
+                // A missing copy is retried (SecretUnavailable): the controller may not have written it yet.
                 auth_from_secret(&self.client, copies, &copy, &registry).await.map_err(|e| {
-                    OciError::BadCredentials(format!(
-                        "the controller's copy of pull secret {ns}/{name} ({copies}/{copy}): {e}"
-                    ))
+                    let about = format!("the controller's copy of pull secret {ns}/{name}");
+                    match e {
+                        OciError::SecretUnavailable(m) => OciError::SecretUnavailable(format!("{about}: {m}")),
+                        OciError::BadCredentials(m) => OciError::BadCredentials(format!("{about}: {m}")),
+                        other => other,
+                    }
                 })?
             }
             (Some(name), None) => auth_from_secret(&self.client, &ns, name, &registry).await?,

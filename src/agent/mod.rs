@@ -70,6 +70,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         clients: Clients::default(),
         in_flight: transfer::InFlight::default(),
         pinned: Mutex::new(HashMap::new()),
+        wanted: Mutex::new(Default::default()),
         store_lock: tokio::sync::Mutex::new(()),
         inventory_changed: tokio::sync::Notify::new(),
     });

@@ -114,7 +114,7 @@ async fn write_heartbeat(agent: &Agent) -> anyhow::Result<()> {
         gpu_memory_bytes: caps.gpu_memory_bytes,
         providers: caps.providers,
         storage_free_bytes: free as i64,
-        storage_reclaimable_bytes: agent.store.reclaimable() as i64,
+        storage_reclaimable_bytes: agent.store.reclaimable(&agent.wanted.lock().expect("wanted lock").clone()) as i64,
         storage_total_bytes: total as i64,
         agent_version: Some(env!("CARGO_PKG_VERSION").into()),
         last_heartbeat: Some(Time(Timestamp::now())),

@@ -21,6 +21,7 @@ use crate::oci::digest::digest_hex;
 use crate::oci::layout::Archive;
 
 mod evict;
+pub use evict::Versions;
 pub mod unpack;
 
 /// One file of a version on disk.
@@ -272,7 +273,7 @@ impl Store {
     /// Puts a version's files into `staging`: plain files as hard links to their verified blobs (a
     /// copy across filesystems), archives unpacked. No two layers may give one path.
     fn fill(&self, staging: &Path, record: &VersionRecord) -> io::Result<()> {
-        let mut taken: HashSet<PathBuf> = HashSet::new();
+        let mut unpacked = unpack::Unpacked::default();
         for f in record.files.iter().filter(|f| f.archive.is_none()) {
             let rel = validate_title(&f.title).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
             let dest = staging.join(&rel);
@@ -283,14 +284,14 @@ impl Store {
             if std::fs::hard_link(&blob, &dest).is_err() {
                 std::fs::copy(&blob, &dest)?;
             }
-            taken.insert(rel);
+            unpacked.taken.insert(rel);
         }
         for f in &record.files {
             if let Some(archive) = f.archive {
-                unpack::unpack(&self.blob_path(&f.digest)?, archive, f.size, &f.title, staging, &mut taken)?;
+                unpack::unpack(&self.blob_path(&f.digest)?, archive, f.size, &f.title, staging, &mut unpacked)?;
             }
         }
-        Ok(())
+        unpack::check_links(staging, &unpacked)
     }
 
     fn point_current(&self, model: &str, target: &str) -> io::Result<()> {

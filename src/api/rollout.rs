@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -421,9 +421,10 @@ pub struct ModelRolloutStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transfer_rate_bytes_per_second: Option<i64>,
 
-    /// When the bytes done by the targets last grew.
+    /// When the bytes done by the targets last grew (to the microsecond: rates are measured over
+    /// intervals shorter than a second).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_progress_time: Option<Time>,
+    pub last_progress_time: Option<MicroTime>,
 
     /// Targets whose agent has gone silent (NetworkPartition): not in the ETA; they resume when back.
     #[serde(default)]

@@ -98,6 +98,8 @@ pub(crate) async fn run_controller(
         r = ready.wait_for(|r| *r) => if r.is_err() { return },
     }
     reconcile::sweep_orphans(&ctx).await;
+    // Copies may have changed while another replica led: write each again once.
+    ctx.secret_copies.lock().expect("copies lock").clear();
     super::secrets::sweep_pull_secret_copies(&ctx, None).await;
     // A lagging receiver lost triggers it cannot name: reconcile everything instead.
     let store = ctx.rollouts.clone();

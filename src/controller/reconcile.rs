@@ -171,13 +171,14 @@ async fn apply(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result<Action, Error>
     };
     let uid = r.uid().unwrap_or_default();
     let abort = abort_decision(&r.spec, recorded_abort, &uid, &seen.deployments, targets.len());
+    // Before the deployments that need them (the agents read the copies), and before resolving: a
+    // revoked pull secret must take its copy with it even though resolution then fails.
+    secrets::copy_for_agents(&ctx, &r).await?;
     let target = rec.resolve(&abort).await?;
     if abort.newly {
         return rec.record_abort(&abort, &target).await;
     }
     let (plan, target, tag_recheck) = rec.plan(&seen, targets, target, &abort).await?;
-    // Before the deployments that name it: the agents read the copy.
-    secrets::copy_for_agents(&ctx, &r).await?;
     writes::apply_plan(&ctx, &r, &plan, &seen.deployments).await?;
     let recheck = rec.report(seen.deployments, &plan, &target, abort).await?;
     // Heartbeats age without events: look again when the first one would expire; and at the tag,

@@ -110,7 +110,9 @@ impl Resolver {
         };
         let ns = rollout.metadata.namespace.as_deref().unwrap_or("default");
         let auth = auth_from_secret(client, ns, name, &registry).await.map_err(|e| match e {
-            OciError::BadCredentials(message) => ResolveError::PullSecret { name: name.to_string(), message },
+            OciError::BadCredentials(message) | OciError::SecretUnavailable(message) => {
+                ResolveError::PullSecret { name: name.to_string(), message }
+            }
             other => ResolveError::Registry(other),
         })?;
         Ok((registry, auth))

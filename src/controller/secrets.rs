@@ -54,11 +54,24 @@ async fn copy_ca_bundle(ctx: &Context, r: &ModelRollout) -> Result<(), kube::Err
 /// the copy would change. A missing source is left to the resolver, which reports it.
 async fn copy_pull_secret(ctx: &Context, r: &ModelRollout) -> Result<(), kube::Error> {
     let (Some(name), Some(ns)) = (r.spec.source.pull_secret.as_deref(), r.namespace()) else { return Ok(()) };
+    let copy = pull_secret_copy_name(&ns, name);
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.secret_namespace);
     let Some(source) = Api::<Secret>::namespaced(ctx.client.clone(), &ns).get_opt(name).await? else {
+        // Gone (revoked): so is the agents' copy; the resolver says what is missing.
+        if delete_if_present(&api, &copy).await? {
+            ctx.secret_copies.lock().expect("copies lock").remove(&copy);
+            info!(copy = %format!("{}/{copy}", ctx.secret_namespace), "copy deleted: its pull secret is gone");
+        }
         return Ok(());
     };
-    let copy = pull_secret_copy_name(&ns, name);
-    let body = json!({"type": source.type_, "data": source.data});
+    // Only what a registry client reads: a rollout naming some other Secret copies nothing else.
+    let data: std::collections::BTreeMap<_, _> = source
+        .data
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| k == ".dockerconfigjson" || k == ".dockercfg")
+        .collect();
+    let body = json!({"type": source.type_, "data": data});
     let fingerprint = format!("{:x}", Sha256::digest(body.to_string().as_bytes()));
     if ctx.secret_copies.lock().expect("copies lock").get(&copy) == Some(&fingerprint) {
         return Ok(());
@@ -69,7 +82,6 @@ async fn copy_pull_secret(ctx: &Context, r: &ModelRollout) -> Result<(), kube::E
                      "labels": {LABEL_COPY: "true"}, "annotations": {ANNOTATION_SOURCE: format!("{ns}/{name}")}},
         "type": body["type"], "data": body["data"],
     });
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.secret_namespace);
     api.patch(&copy, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&obj)).await?;
     info!(source = %format!("{ns}/{name}"), copy = %format!("{}/{copy}", ctx.secret_namespace), "pull secret copied for the agents");
     ctx.secret_copies.lock().expect("copies lock").insert(copy, fingerprint);

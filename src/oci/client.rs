@@ -56,6 +56,10 @@ pub enum OciError {
     /// A CA bundle that cannot be used.
     #[error("caBundle: {0}")]
     BadCaBundle(String),
+    /// A Secret that could not be read (missing for now, or the API server failed): retried, as
+    /// it may appear (the controller writes the agents' copies) or the API server may recover.
+    #[error("{0}")]
+    SecretUnavailable(String),
     /// Anything else the registry client reported.
     #[error("{reference}: {message}")]
     Other {
@@ -298,7 +302,10 @@ pub async fn auth_from_secret(
 ) -> Result<RegistryAuth, OciError> {
     let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(client.clone(), namespace);
     let err = |m: String| OciError::BadCredentials(format!("secret {namespace}/{name}: {m}"));
-    let secret = secrets.get(name).await.map_err(|e| err(e.to_string()))?;
+    let secret = secrets
+        .get(name)
+        .await
+        .map_err(|e| OciError::SecretUnavailable(format!("pull secret {namespace}/{name}: {e}")))?;
     let data = secret.data.unwrap_or_default();
     let raw = data
         .get(".dockerconfigjson")
@@ -311,7 +318,10 @@ pub async fn auth_from_secret(
 pub async fn secret_text(client: &kube::Client, namespace: &str, name: &str, key: &str) -> Result<String, OciError> {
     let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(client.clone(), namespace);
     let err = |m: String| OciError::BadCaBundle(format!("secret {namespace}/{name}: {m}"));
-    let secret = secrets.get(name).await.map_err(|e| err(e.to_string()))?;
+    let secret = secrets
+        .get(name)
+        .await
+        .map_err(|e| OciError::SecretUnavailable(format!("CA bundle {namespace}/{name}: {e}")))?;
     let raw = secret.data.unwrap_or_default().remove(key).ok_or_else(|| err(format!("has no {key} key")))?;
     String::from_utf8(raw.0).map_err(|_| err(format!("{key} is not UTF-8")))
 }

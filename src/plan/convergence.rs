@@ -224,12 +224,13 @@ pub fn advance(prev: Progress, done: u64, now: Timestamp) -> Progress {
     }
 }
 
-/// The rate to expect from now: the smoothed rate, halved for every [`STALL_HALF_LIFE_SECONDS`]
-/// since bytes last moved.
+/// The rate to expect from now: the smoothed rate, halved for every whole
+/// [`STALL_HALF_LIFE_SECONDS`] since bytes last moved. In whole steps, so that the ETA (and the
+/// status) changes once per step during a stall, not at every reconcile.
 pub fn expected_rate(p: &Progress, now: Timestamp) -> Option<f64> {
     let rate = p.rate?;
     let stalled = p.at.map_or(0.0, |at| ((now.as_millisecond() - at.as_millisecond()).max(0) as f64) / 1000.0);
-    Some(rate * 0.5f64.powf(stalled / STALL_HALF_LIFE_SECONDS))
+    Some(rate * 0.5f64.powf((stalled / STALL_HALF_LIFE_SECONDS).floor()))
 }
 
 /// Seconds until the remaining bytes arrive at the observed rate. Zero when nothing remains; none

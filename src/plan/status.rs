@@ -1,6 +1,6 @@
 //! status: the rollout's phase, conditions, history and counts, from the plan and its convergence.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::api::shared::condition;
@@ -158,7 +158,7 @@ pub fn rollout_status(input: &StatusInput<'_>) -> ModelRolloutStatus {
         // next sample starts afresh; the rate stays.
         None => Progress { at: None, ..before },
     };
-    s.last_progress_time = progress.at.map(Time);
+    s.last_progress_time = progress.at.map(MicroTime);
     s.transfer_rate_bytes_per_second = progress.rate.map(|r| r.round() as i64).filter(|r| *r > 0);
     s.partitioned_nodes = c.partitioned;
     // Only silent nodes left: no time can be promised.
@@ -344,7 +344,7 @@ mod tests {
     fn with_progress(mut r: ModelRollout, rate: i64, at: i64, done: i64) -> ModelRollout {
         r.status = Some(ModelRolloutStatus {
             transfer_rate_bytes_per_second: Some(rate),
-            last_progress_time: Some(Time(Timestamp::from_second(1_800_000_000 + at).unwrap())),
+            last_progress_time: Some(MicroTime(Timestamp::from_second(1_800_000_000 + at).unwrap())),
             bytes_transferred: done,
             ..Default::default()
         });

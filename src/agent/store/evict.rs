@@ -5,10 +5,14 @@ use std::io;
 
 use super::{Store, VersionRecord};
 
+/// (model, version) pairs a ModelDeployment on this node asks for: never evicted (a rollback
+/// about to switch to a kept version must find it).
+pub type Versions = HashSet<(String, String)>;
+
 impl Store {
-    /// Kept versions that are not active, least recently active first, each with the bytes evicting
+    /// Kept versions that are neither active nor wanted, least recently active first, each with the bytes evicting
     /// it (after those before it) frees: its blobs no remaining version and nothing in `protect` uses.
-    fn eviction_order(&self, protect: &HashSet<String>) -> Vec<(String, VersionRecord, u64)> {
+    fn eviction_order(&self, protect: &HashSet<String>, wanted: &Versions) -> Vec<(String, VersionRecord, u64)> {
         let distinct = |v: &VersionRecord| -> BTreeMap<String, u64> {
             v.files.iter().map(|f| (f.digest.clone(), f.size)).collect()
         };
@@ -19,7 +23,8 @@ impl Store {
                 for d in distinct(&v).into_keys() {
                     *users.entry(d).or_default() += 1;
                 }
-                if current.as_deref() != Some(v.version.as_str()) {
+                let wanted_now = wanted.contains(&(model.clone(), v.version.clone()));
+                if current.as_deref() != Some(v.version.as_str()) && !wanted_now {
                     candidates.push((model.clone(), v));
                 }
             }
@@ -42,15 +47,21 @@ impl Store {
 
     /// Bytes that evicting every kept, non-active version would free (reported in the ModelNode,
     /// so the controller counts them as available).
-    pub fn reclaimable(&self) -> u64 {
-        self.eviction_order(&HashSet::new()).iter().map(|e| e.2).sum()
+    pub fn reclaimable(&self, wanted: &Versions) -> u64 {
+        self.eviction_order(&HashSet::new(), wanted).iter().map(|e| e.2).sum()
     }
 
     /// Evicts the fewest kept, non-active versions (least recently active first) that bring `free`
     /// to `needed`, with the blobs only they used (not those in `protect`). Evicts nothing when
     /// even all of them would not make room. Returns the evicted `model version`s.
-    pub fn evict_for(&self, needed: u64, free: u64, protect: &HashSet<String>) -> io::Result<Vec<String>> {
-        let order = self.eviction_order(protect);
+    pub fn evict_for(
+        &self,
+        needed: u64,
+        free: u64,
+        protect: &HashSet<String>,
+        wanted: &Versions,
+    ) -> io::Result<Vec<String>> {
+        let order = self.eviction_order(protect, wanted);
         let mut gained = 0;
         let Some(last) = order.iter().position(|(_, _, freed)| {
             gained += freed;

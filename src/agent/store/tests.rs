@@ -48,14 +48,24 @@ fn eviction_takes_the_least_recently_active_kept_versions_that_make_room_and_nev
     store.activate("b", "1").unwrap();
     store.materialize("b", &record("0", &[("w", &shared, 50)])).unwrap(); // never active: first to go
     // Only the kept a 1 frees its own blob; the shared one is still used by a 2.
-    assert_eq!(store.reclaimable(), 100);
-    assert!(store.evict_for(500, 10, &HashSet::new()).unwrap().is_empty(), "cannot make room: nothing goes");
-    assert!(store.evict_for(100, 10, &HashSet::from([a1.clone()])).unwrap().is_empty(), "a protected blob stays");
-    assert_eq!(store.evict_for(100, 10, &HashSet::new()).unwrap(), ["b 0", "a 1"]);
+    assert_eq!(store.reclaimable(&Versions::new()), 100);
+    assert!(
+        store.evict_for(500, 10, &HashSet::new(), &Versions::new()).unwrap().is_empty(),
+        "cannot make room: nothing goes"
+    );
+    assert!(
+        store.evict_for(100, 10, &HashSet::from([a1.clone()]), &Versions::new()).unwrap().is_empty(),
+        "a protected blob stays"
+    );
+    let rollback = Versions::from([("a".to_string(), "1".to_string())]);
+    let kept = store.evict_for(100, 10, &HashSet::new(), &rollback).unwrap();
+    assert!(kept.is_empty(), "a version a deployment asks for stays: {kept:?}");
+    assert_eq!(store.reclaimable(&rollback), 0);
+    assert_eq!(store.evict_for(100, 10, &HashSet::new(), &Versions::new()).unwrap(), ["b 0", "a 1"]);
     assert!(!store.has_blob(&a1, 5) && store.has_blob(&shared, 3) && store.has_blob(&a2, 5));
     assert_eq!((store.current("a").as_deref(), store.current("b").as_deref()), (Some("2"), Some("1")));
     assert!(!store.version_dir("a", "1").exists() && store.state("a").get("1").is_none());
-    assert_eq!(store.reclaimable(), 0, "only active versions left");
+    assert_eq!(store.reclaimable(&Versions::new()), 0, "only active versions left");
 }
 
 #[test]

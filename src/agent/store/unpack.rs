@@ -16,20 +16,52 @@ use super::validate_title;
 /// stops here, not at a full disk).
 pub const MAX_EXPANSION: u64 = 64;
 
+/// Bytes counted per archive entry besides its content (its tar header): a flood of empty files
+/// is bounded like bytes are.
+const ENTRY_COST: u64 = 512;
+
 fn refused(why: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why)
 }
 
-/// Unpacks `blob` (an `archive` of `declared` bytes, titled `title`) into `dest`. `taken` holds the
-/// paths already written into `dest` (by other layers) and gains this archive's.
+/// What the layers of one version have put into its staging directory so far.
+#[derive(Debug, Default)]
+pub struct Unpacked {
+    /// Paths written (files and links), relative.
+    pub taken: HashSet<PathBuf>,
+    /// Symbolic links made by archives, relative: nothing is written through them.
+    pub links: Vec<PathBuf>,
+}
+
+/// Once every layer is in: each link, followed to its end (through other links), must land inside
+/// `dest` on something that exists. Checked after all layers, as a later link can change where an
+/// earlier one leads.
+pub fn check_links(dest: &Path, unpacked: &Unpacked) -> io::Result<()> {
+    let root = dest.canonicalize()?;
+    for link in &unpacked.links {
+        match dest.join(link).canonicalize() {
+            Ok(end) if end.starts_with(&root) => {}
+            Ok(_) => return Err(refused(format!("link {:?} leads outside the model directory", link.display()))),
+            Err(_) => {
+                return Err(refused(format!("link {:?} leads to nothing in the model directory", link.display())));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Unpacks `blob` (an `archive` of `declared` bytes, titled `title`) into `dest`; `unpacked` holds
+/// what other layers put there and gains this archive's entries. Returns the bytes of its files.
 pub fn unpack(
     blob: &Path,
     archive: Archive,
     declared: u64,
     title: &str,
     dest: &Path,
-    taken: &mut HashSet<PathBuf>,
+    unpacked: &mut Unpacked,
 ) -> io::Result<u64> {
+    // A malformed archive (it passed its digest check) is the artifact's fault: InvalidData.
+    let malformed = |e: io::Error| refused(format!("archive {title} is not a valid tar: {e}"));
     let file = std::fs::File::open(blob)?;
     let (reader, limit): (Box<dyn Read>, u64) = match archive {
         Archive::Tar => (Box::new(file), declared),
@@ -37,11 +69,18 @@ pub fn unpack(
         Archive::TarZstd => (Box::new(zstd::stream::read::Decoder::new(file)?), declared.saturating_mul(MAX_EXPANSION)),
     };
     let mut tar = tar::Archive::new(reader);
+    // Bytes counted against the limit (content and entries), and the content alone (returned).
     let mut written: u64 = 0;
-    let mut links: Vec<PathBuf> = Vec::new();
-    for entry in tar.entries()? {
-        let mut entry = entry?;
-        let raw = entry.path()?.into_owned();
+    let mut content: u64 = 0;
+    let too_much = |limit: u64| {
+        refused(format!(
+            "archive {title} unpacks to more than {limit} bytes (declared {declared} bytes{})",
+            if archive == Archive::Tar { "" } else { ", at most 64 times that unpacked" }
+        ))
+    };
+    for entry in tar.entries().map_err(malformed)? {
+        let mut entry = entry.map_err(malformed)?;
+        let raw = entry.path().map_err(malformed)?.into_owned();
         let shown = raw.display().to_string();
         let kind = entry.header().entry_type();
         // "./" alone (the archive's root) is no entry of its own.
@@ -50,8 +89,12 @@ pub fn unpack(
         }
         let rel = validate_title(shown.trim_end_matches('/'))
             .map_err(|e| refused(format!("archive {title}: entry {shown:?}: {e}")))?;
-        // Nothing is written through a link the archive made.
-        if links.iter().any(|l| rel.starts_with(l) && rel != *l) {
+        written = written.saturating_add(ENTRY_COST);
+        if written > limit {
+            return Err(too_much(limit));
+        }
+        // Nothing is written through a link an archive made.
+        if unpacked.links.iter().any(|l| rel.starts_with(l) && rel != *l) {
             return Err(refused(format!("archive {title}: entry {shown:?} goes through a link")));
         }
         let path = dest.join(&rel);
@@ -59,23 +102,26 @@ pub fn unpack(
             std::fs::create_dir_all(&path)?;
             continue;
         }
-        if taken.contains(&rel) || path.symlink_metadata().is_ok() {
+        if unpacked.taken.contains(&rel) || path.symlink_metadata().is_ok() {
             return Err(refused(format!("archive {title}: {shown:?} would replace a file of the version")));
         }
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
         if kind.is_file() || kind == tar::EntryType::Continuous {
-            let size = entry.header().size()?;
+            let size = entry.header().size().map_err(malformed)?;
             written = written.saturating_add(size);
             if written > limit {
-                return Err(refused(format!(
-                    "archive {title} unpacks to more than {limit} bytes (declared {declared} bytes{})",
-                    if archive == Archive::Tar { "" } else { ", at most 64 times that unpacked" }
-                )));
+                return Err(too_much(limit));
             }
-            let mut out = std::fs::File::create(&path)?;
-            let copied = io::copy(&mut (&mut entry).take(size), &mut out)?;
+            let mut out = std::fs::OpenOptions::new().write(true).create_new(true).open(&path)?;
+            let mut body = (&mut entry).take(size);
+            let copied = copy_entry(&mut body, &mut out).map_err(|e| match e {
+                // Reading failed: the archive is cut short or corrupt; writing failed: the disk.
+                Side::Read(e) => malformed(e),
+                Side::Write(e) => e,
+            })?;
+            content += copied;
             if copied != size {
                 return Err(refused(format!("archive {title}: entry {shown:?} is truncated")));
             }
@@ -85,7 +131,8 @@ pub fn unpack(
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(if exec { 0o755 } else { 0o644 }))?;
         } else if kind.is_symlink() {
             let target = entry
-                .link_name()?
+                .link_name()
+                .map_err(malformed)?
                 .ok_or_else(|| refused(format!("archive {title}: link {shown:?} has no target")))?
                 .into_owned();
             if !stays_inside(&rel, &target) {
@@ -95,7 +142,7 @@ pub fn unpack(
                 )));
             }
             std::os::unix::fs::symlink(&target, &path)?;
-            links.push(rel.clone());
+            unpacked.links.push(rel.clone());
         } else {
             let what = match kind {
                 tar::EntryType::Link => "a hard link",
@@ -107,9 +154,30 @@ pub fn unpack(
                 "archive {title}: entry {shown:?} is {what}: only files, directories and links inside are unpacked"
             )));
         }
-        taken.insert(rel);
+        unpacked.taken.insert(rel);
     }
-    Ok(written)
+    Ok(content)
+}
+
+enum Side {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// Copies an entry's bytes, telling a read error (the archive) from a write error (the disk).
+fn copy_entry(from: &mut impl Read, to: &mut impl io::Write) -> Result<u64, Side> {
+    let mut buf = vec![0u8; 256 << 10];
+    let mut total = 0;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Side::Read(e)),
+        };
+        to.write_all(&buf[..n]).map_err(Side::Write)?;
+        total += n as u64;
+    }
 }
 
 /// Whether the relative link `target`, read from the directory of `link`, stays inside the root.
@@ -164,8 +232,10 @@ mod tests {
         std::fs::write(&blob, bytes).unwrap();
         let dest = dir.path().join("v");
         std::fs::create_dir(&dest).unwrap();
-        let mut taken = HashSet::from([PathBuf::from("model.onnx")]);
-        (unpack(&blob, archive, declared, "layer", &dest, &mut taken), dir)
+        let mut unpacked = Unpacked { taken: HashSet::from([PathBuf::from("model.onnx")]), links: vec![] };
+        let r = unpack(&blob, archive, declared, "layer", &dest, &mut unpacked)
+            .and_then(|n| check_links(&dest, &unpacked).map(|()| n));
+        (r, dir)
     }
 
     #[test]
@@ -203,6 +273,12 @@ mod tests {
                 "through a link",
             ),
             ("another layer's file", tar_of(&[("model.onnx", Regular, None, b"x")]), "replace"),
+            (
+                "a chain of links that climbs out",
+                tar_of(&[("a/b/up", Symlink, Some("../.."), b""), ("esc", Symlink, Some("a/b/up/.."), b"")]),
+                "leads outside",
+            ),
+            ("a link to nothing", tar_of(&[("l", Symlink, Some("missing"), b"")]), "leads to nothing"),
             ("twice", tar_of(&[("a", Regular, None, b"x"), ("a", Regular, None, b"y")]), "replace"),
         ];
         for (what, t, expected) in cases {

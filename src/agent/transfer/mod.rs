@@ -56,15 +56,19 @@ pub async fn fetch_layers(t: &Transfer<'_>, plan: &PullPlan) -> Result<(), Trans
     t.progress.total.store(plan.total(), Ordering::Relaxed);
     t.progress.reused.store(reused, Ordering::Relaxed);
     t.progress.fetched.store(fetched_before, Ordering::Relaxed);
-    let needed: u64 = missing.iter().map(|f| f.size).sum::<u64>() - fetched_before;
+    // Archives take their space twice: the blob, and the files unpacked from it (estimated at the
+    // archive's size; a compressed one may unpack to more, and a full disk then ends the same way).
+    let unpacked: u64 = plan.files.iter().filter(|f| f.archive.is_some()).map(|f| f.size).sum();
+    let needed: u64 = (missing.iter().map(|f| f.size).sum::<u64>() - fetched_before).saturating_add(unpacked);
     let (mut free, _) = t.store.space(t.capacity)?;
     if needed > free {
         // Disk pressure: kept versions that are not active go (least recently active first) when
         // that makes room; never the active one, nor a layer some running transfer needs.
-        let protect: HashSet<String> = t.pinned.lock().expect("pinned lock").values().flatten().cloned().collect();
         let evicted = {
             let _guard = t.store_lock.lock().await;
-            t.store.evict_for(needed, free, &protect)?
+            let protect: HashSet<String> = t.pinned.lock().expect("pinned lock").values().flatten().cloned().collect();
+            let wanted = t.wanted.lock().expect("wanted lock").clone();
+            t.store.evict_for(needed, free, &protect, &wanted)?
         };
         if !evicted.is_empty() {
             tracing::info!(?evicted, needed, free, "evicted kept versions to make room");

@@ -67,6 +67,8 @@ pub struct Transfer<'a> {
     pub model: &'a str,
     /// Serializes changes of the store's model directories (eviction takes it).
     pub store_lock: &'a tokio::sync::Mutex<()>,
+    /// (model, version) that ModelDeployments on this node ask for: eviction leaves them.
+    pub wanted: &'a std::sync::Mutex<crate::agent::store::Versions>,
     /// Layer digests of every running transfer's plan: eviction leaves them.
     pub pinned: &'a std::sync::Mutex<std::collections::HashMap<String, HashSet<String>>>,
 }
