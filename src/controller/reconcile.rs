@@ -334,7 +334,11 @@ impl Reconcile<'_> {
                 );
                 info!("{note}");
                 target = EffectiveTarget { digest: fresh.digest, variants: fresh.variants, ..target };
-                self.pin(&target, note).await?;
+                // Not pinned on its own (as a first resolution is): the status written at the end
+                // of this reconcile carries the new digest together with the blockers planned for it,
+                // never the new digest beside the old plan's blockers. Should this reconcile fail
+                // before, the old pin stands and the tag is read again soon.
+                publish(ctx, r, EventType::Normal, "Resolved", note).await;
                 plan = plan_for(&target);
             }
             TagNow::Moved(digest) => {
