@@ -5,7 +5,7 @@ CARGO ?= cargo
 PREFIX ?= $(HOME)/.cargo
 ENV_DIR := target/peat-env
 
-.PHONY: test lint unit integration crds crds-check env env-down install testenv-bins toolchain demo bench bench-tools test-tools check-orphans
+.PHONY: test lint unit integration crds crds-check env env-down install image testenv-bins toolchain demo bench bench-tools test-tools check-orphans
 
 ## test: everything CI runs — lint, unit tests, CRD drift check, integration tests on the real environment
 test: lint testenv-bins test-tools
@@ -47,6 +47,11 @@ install:
 	install -m 0755 target/release/peat $(PREFIX)/bin/peat
 	ln -sf peat $(PREFIX)/bin/kubectl-peat
 	@echo "installed $(PREFIX)/bin/peat and $(PREFIX)/bin/kubectl-peat"
+
+## image: the peat image (linux/amd64) as an OCI image layout in target/image/peat, without a container engine
+image:
+	$(CARGO) build --release --locked --bin peat
+	$(CARGO) run --quiet -p peat-testenv -- image --binary target/release/peat --out target/image/peat
 
 # Builds (once per machine, cached in ~/.cache/peat-testenv) etcd, kube-apiserver,
 # kube-controller-manager, kubectl and helm; installs docker-registry with apt when missing.

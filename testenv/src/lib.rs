@@ -12,6 +12,7 @@ mod certs;
 pub mod demo;
 mod error;
 pub mod harness;
+pub mod image;
 mod process;
 
 use std::collections::BTreeMap;

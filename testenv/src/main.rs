@@ -29,6 +29,21 @@ enum Cmd {
     Down,
     /// Say whether it runs.
     Status,
+    /// The peat image as an OCI image layout, without a container engine (`make image`).
+    Image {
+        /// The peat binary to put in it (a release build).
+        #[arg(long, default_value = "target/release/peat")]
+        binary: PathBuf,
+        /// The OCI image layout directory to write (replaced).
+        #[arg(long, default_value = "target/image/peat")]
+        out: PathBuf,
+        /// Its architecture (GOARCH-style), the binary's.
+        #[arg(long, default_value = "amd64")]
+        arch: String,
+        /// Its version (the layout's ref name).
+        #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
+        version: String,
+    },
     /// The end-to-end demo (`make demo`) on a private environment it starts and tears down.
     Demo {
         /// Work directory (replaced at start; its logs/ stays afterwards).
@@ -51,6 +66,29 @@ async fn main() -> ExitCode {
     let dir = std::path::absolute(&cli.dir).unwrap_or(cli.dir.clone());
     match cli.command {
         Cmd::Demo { demo_dir } => demo(&demo_dir).await,
+        Cmd::Image { binary, out, arch, version } => match peat_testenv::image::build(&binary, &out, &arch, &version) {
+            Ok(img) => {
+                println!(
+                    "wrote {} ({} {}; layer {} bytes compressed, {} bytes of files: {} paths)",
+                    img.layout.display(),
+                    version,
+                    img.manifest_digest,
+                    img.layer_size,
+                    img.content_size,
+                    img.paths.len()
+                );
+                println!(
+                    "push it: crane push {} REGISTRY/peat:{version}  (or skopeo copy oci:{}:{version} …)",
+                    img.layout.display(),
+                    img.layout.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("peat-testenv image: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Status => {
             let alive = peat_testenv::detached_status(&dir);
             if alive.is_empty() {

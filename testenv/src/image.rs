@@ -1,0 +1,189 @@
+//! `make image`: the peat image without a container engine. The binary, the shared libraries
+//! `ldd` says it loads (at the paths it loads them from, the ELF interpreter included) and the
+//! system's CA bundle go into one deterministic layer (sorted, mtime 0, owned by root); with an OCI
+//! image config (non-root user 65532, entrypoint `/usr/local/bin/peat`) and manifest it is written
+//! as an OCI image layout (`oci-layout`, `index.json`, `blobs/sha256/…`), which `crane`, `skopeo`,
+//! `ctr import` and registries take. The Dockerfile gives the same files from Debian's packages.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::error::{TestEnvError, io};
+
+/// Where the peat binary lives in the image.
+pub const BINARY_PATH: &str = "usr/local/bin/peat";
+/// The system CA bundle, for HTTPS registries.
+pub const CA_BUNDLE: &str = "etc/ssl/certs/ca-certificates.crt";
+/// The image's user (non-root; the chart sets the agent's).
+pub const USER: &str = "65532:65532";
+
+/// What was built.
+#[derive(Debug)]
+pub struct Image {
+    /// The layout directory.
+    pub layout: PathBuf,
+    /// Manifest digest.
+    pub manifest_digest: String,
+    /// Bytes of the compressed layer.
+    pub layer_size: u64,
+    /// Bytes of the files in it.
+    pub content_size: u64,
+    /// Paths in the layer (relative to `/`).
+    pub paths: Vec<String>,
+}
+
+enum Entry {
+    Dir(u32),
+    File { from: PathBuf, mode: u32 },
+    Link(String),
+}
+
+/// The shared objects `binary` loads, as `ldd` lists them: (path it is loaded from).
+pub fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>, TestEnvError> {
+    let out = std::process::Command::new("ldd").arg(binary).output().map_err(io("running ldd"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.contains("not a dynamic executable") || text.contains("statically linked") {
+        return Ok(Vec::new());
+    }
+    if !out.status.success() {
+        return Err(TestEnvError::Build(format!("ldd {}: {}", binary.display(), String::from_utf8_lossy(&out.stderr))));
+    }
+    let mut libs = Vec::new();
+    for line in text.lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)", "/lib64/ld-linux-x86-64.so.2 (0x…)"
+        let path = match line.split_once("=>") {
+            Some((_, right)) => right.split_whitespace().next(),
+            None => line.split_whitespace().next().filter(|p| p.starts_with('/')),
+        };
+        match path {
+            Some(p) if p.starts_with('/') => libs.push(PathBuf::from(p)),
+            Some("not") => return Err(TestEnvError::Build(format!("ldd: a library is missing: {line}"))),
+            _ => {} // linux-vdso.so.1: in the kernel
+        }
+    }
+    Ok(libs)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+/// Builds the image of `binary` into the OCI layout `out` (replaced), for `arch` (GOARCH-style).
+pub fn build(binary: &Path, out: &Path, arch: &str, version: &str) -> Result<Image, TestEnvError> {
+    let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
+    let add_parents = |entries: &mut BTreeMap<String, Entry>, path: &str| {
+        let mut p = Path::new(path).parent();
+        while let Some(dir) = p.filter(|d| !d.as_os_str().is_empty()) {
+            entries.entry(format!("{}/", dir.display())).or_insert(Entry::Dir(0o755));
+            p = dir.parent();
+        }
+    };
+    let put = |entries: &mut BTreeMap<String, Entry>, path: &str, e: Entry| {
+        add_parents(entries, path);
+        entries.insert(path.to_string(), e);
+    };
+    put(&mut entries, BINARY_PATH, Entry::File { from: binary.to_path_buf(), mode: 0o755 });
+    put(&mut entries, "usr/local/bin/kubectl-peat", Entry::Link("peat".into()));
+    for lib in shared_libraries(binary)? {
+        let rel = lib.strip_prefix("/").expect("absolute").display().to_string();
+        put(&mut entries, &rel, Entry::File { from: lib.clone(), mode: 0o755 });
+    }
+    let ca = Path::new("/").join(CA_BUNDLE);
+    if !ca.exists() {
+        return Err(TestEnvError::Build(format!("{} is missing: apt-get install ca-certificates", ca.display())));
+    }
+    put(&mut entries, CA_BUNDLE, Entry::File { from: ca, mode: 0o644 });
+    entries.insert("tmp/".into(), Entry::Dir(0o1777));
+
+    // The layer: deterministic (sorted, mtime 0, root-owned), so the same inputs give the same digest.
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut content_size = 0;
+    for (path, e) in &entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mtime(0);
+        h.set_uid(0);
+        h.set_gid(0);
+        match e {
+            Entry::Dir(mode) => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(*mode);
+                h.set_size(0);
+                tar.append_data(&mut h, path, std::io::empty()).map_err(io("writing the layer"))?;
+            }
+            Entry::File { from, mode } => {
+                let bytes = std::fs::read(from).map_err(io(format!("reading {}", from.display())))?;
+                content_size += bytes.len() as u64;
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(*mode);
+                h.set_size(bytes.len() as u64);
+                tar.append_data(&mut h, path, bytes.as_slice()).map_err(io("writing the layer"))?;
+            }
+            Entry::Link(target) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_mode(0o777);
+                h.set_size(0);
+                tar.append_link(&mut h, path, target).map_err(io("writing the layer"))?;
+            }
+        }
+    }
+    let layer_tar = tar.into_inner().map_err(io("writing the layer"))?;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&layer_tar).map_err(io("compressing the layer"))?;
+    let layer = gz.finish().map_err(io("compressing the layer"))?;
+
+    let config = serde_json::to_vec(&json!({
+        "architecture": arch,
+        "os": "linux",
+        "config": {
+            "User": USER,
+            "Entrypoint": ["/usr/local/bin/peat"],
+            "Cmd": ["--help"],
+            "Env": ["PATH=/usr/local/bin:/usr/bin:/bin", "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt"],
+            "Labels": {"org.opencontainers.image.title": "peat-operator", "org.opencontainers.image.version": version},
+        },
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", sha256_hex(&layer_tar))]},
+        "history": [{"created_by": "peat-testenv image (make image)"}],
+    }))
+    .expect("json");
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": format!("sha256:{}", sha256_hex(&config)), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": format!("sha256:{}", sha256_hex(&layer)), "size": layer.len()}],
+        "annotations": {"org.opencontainers.image.version": version},
+    }))
+    .expect("json");
+    let manifest_digest = format!("sha256:{}", sha256_hex(&manifest));
+    let index = serde_json::to_vec_pretty(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest,
+            "size": manifest.len(),
+            "platform": {"architecture": arch, "os": "linux"},
+            "annotations": {"org.opencontainers.image.ref.name": version},
+        }],
+    }))
+    .expect("json");
+
+    let _ = std::fs::remove_dir_all(out);
+    let blobs = out.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).map_err(io("creating the layout"))?;
+    for blob in [&layer, &config, &manifest] {
+        std::fs::write(blobs.join(sha256_hex(blob)), blob).map_err(io("writing a blob"))?;
+    }
+    std::fs::write(out.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io("writing oci-layout"))?;
+    std::fs::write(out.join("index.json"), index).map_err(io("writing index.json"))?;
+    Ok(Image {
+        layout: out.to_path_buf(),
+        manifest_digest,
+        layer_size: layer.len() as u64,
+        content_size,
+        paths: entries.keys().cloned().collect(),
+    })
+}

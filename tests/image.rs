@@ -1,0 +1,75 @@
+//! `make image` without a container engine: the OCI image layout is well formed (every digest and
+//! size checks out, the config's diff_id is the layer's), the same inputs give the same digest, and
+//! the layer alone is a root filesystem peat runs in (chroot, as the image's non-root user).
+
+mod support;
+
+use std::io::Read;
+use std::path::Path;
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+fn blob(layout: &Path, digest: &str) -> Vec<u8> {
+    let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
+    let bytes = std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap_or_else(|e| panic!("{digest}: {e}"));
+    assert_eq!(format!("{:x}", Sha256::digest(&bytes)), hex, "blob {digest} holds other bytes");
+    bytes
+}
+
+fn json(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes).unwrap()
+}
+
+#[test]
+fn the_image_layout_is_well_formed_reproducible_and_runs_in_a_chroot() {
+    let dir = tempfile::tempdir().unwrap();
+    // `make image` packs a release build; the debug one stripped of its debug info stands in for it
+    // (the same libraries, a sixth of the bytes to compress).
+    let peat = dir.path().join("peat");
+    std::fs::copy(support::peat_binary(), &peat).unwrap();
+    let strip = std::process::Command::new("strip").arg("--strip-debug").arg(&peat).status().expect("running strip");
+    assert!(strip.success());
+    let layout = dir.path().join("layout");
+    let img = peat_testenv::image::build(&peat, &layout, "amd64", "0.0.0-test").expect("building the image");
+
+    let index = json(&std::fs::read(layout.join("index.json")).unwrap());
+    assert_eq!(json(&std::fs::read(layout.join("oci-layout")).unwrap())["imageLayoutVersion"], "1.0.0");
+    let desc = &index["manifests"][0];
+    assert_eq!(desc["platform"]["architecture"], "amd64");
+    assert_eq!(desc["digest"], img.manifest_digest.as_str());
+    let manifest_bytes = blob(&layout, desc["digest"].as_str().unwrap());
+    assert_eq!(desc["size"], manifest_bytes.len());
+    let manifest = json(&manifest_bytes);
+    let config_bytes = blob(&layout, manifest["config"]["digest"].as_str().unwrap());
+    assert_eq!(manifest["config"]["size"], config_bytes.len());
+    let config = json(&config_bytes);
+    assert_eq!(config["config"]["User"], "65532:65532");
+    assert_eq!(config["config"]["Entrypoint"][0], "/usr/local/bin/peat");
+    let layer = blob(&layout, manifest["layers"][0]["digest"].as_str().unwrap());
+    assert_eq!(manifest["layers"][0]["size"], layer.len());
+    let mut tar = Vec::new();
+    flate2::read::GzDecoder::new(layer.as_slice()).read_to_end(&mut tar).unwrap();
+    assert_eq!(config["rootfs"]["diff_ids"][0], format!("sha256:{:x}", Sha256::digest(&tar)));
+
+    // The same binary gives the same image.
+    let again = peat_testenv::image::build(&peat, &dir.path().join("again"), "amd64", "0.0.0-test").unwrap();
+    assert_eq!(again.manifest_digest, img.manifest_digest, "the image is reproducible");
+
+    // The layer is a root filesystem peat runs in, with nothing from the host: its libraries, its
+    // loader and the CA bundle are in it; run as the image's user.
+    let rootfs = dir.path().join("rootfs");
+    tar::Archive::new(tar.as_slice()).unpack(&rootfs).unwrap();
+    for lib in peat_testenv::image::shared_libraries(&peat).unwrap() {
+        assert!(rootfs.join(lib.strip_prefix("/").unwrap()).is_file(), "{} is not in the image", lib.display());
+    }
+    assert!(rootfs.join(peat_testenv::image::CA_BUNDLE).is_file());
+    let out = std::process::Command::new("chroot")
+        .arg("--userspec=65532:65532")
+        .arg(&rootfs)
+        .args(["/usr/local/bin/peat", "--version"])
+        .output()
+        .expect("running chroot (the test environment runs as root)");
+    assert!(out.status.success(), "peat in the image's root filesystem: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
