@@ -161,40 +161,16 @@ impl Loop {
                 }
             }
             Action::RemoveModel(model) => {
-                let removed = {
-                    let _guard = agent.store_lock.lock().await;
-                    agent.store.remove_model(&model)
-                };
-                match removed {
-                    Ok(()) => {
-                        info!(%model, "removed: no ModelDeployment holds it (deletionPolicy Delete, or none of it active)");
-                        agent.inventory_changed.notify_one();
-                    }
-                    Err(e) => warn!(%model, error = %e, "removing an unwanted model failed"),
-                }
+                let done = "removed: no ModelDeployment holds it (deletionPolicy Delete, or none of it active)";
+                store_change(agent, &model, |s| s.remove_model(&model), Some(done), "removing an unwanted model").await;
             }
             Action::Hold { model, policy } => {
-                let held = {
-                    let _guard = agent.store_lock.lock().await;
-                    agent.store.hold(&model, policy)
-                };
-                match held {
-                    Ok(()) => agent.inventory_changed.notify_one(),
-                    Err(e) => warn!(%model, error = %e, "recording the model's deletion policy failed"),
-                }
+                store_change(agent, &model, |s| s.hold(&model, policy), None, "recording the model's deletion policy")
+                    .await;
             }
             Action::Retain(model) => {
-                let retained = {
-                    let _guard = agent.store_lock.lock().await;
-                    agent.store.retain(&model)
-                };
-                match retained {
-                    Ok(()) => {
-                        info!(%model, "retained: no ModelDeployment holds it; the active version stays, unmanaged");
-                        agent.inventory_changed.notify_one();
-                    }
-                    Err(e) => warn!(%model, error = %e, "recording a retained model failed"),
-                }
+                let done = "retained: no ModelDeployment holds it; the active version stays, unmanaged";
+                store_change(agent, &model, |s| s.retain(&model), Some(done), "recording a retained model").await;
             }
             Action::CollectGarbage { keep, partials } => {
                 let collected = {
@@ -294,6 +270,29 @@ async fn transfer(
     let result = fetch_and_activate(agent, md, &source, &plan, cancel).await;
     agent.pinned.lock().expect("pinned lock").remove(&key_of(md));
     (Some(plan), result)
+}
+
+/// One change of a model's directory under the store lock; the inventory is republished after it.
+async fn store_change(
+    agent: &Agent,
+    model: &str,
+    change: impl FnOnce(&super::store::Store) -> std::io::Result<()>,
+    done: Option<&str>,
+    what: &str,
+) {
+    let result = {
+        let _guard = agent.store_lock.lock().await;
+        change(&agent.store)
+    };
+    match result {
+        Ok(()) => {
+            if let Some(done) = done {
+                info!(%model, "{done}");
+            }
+            agent.inventory_changed.notify_one();
+        }
+        Err(e) => warn!(%model, error = %e, "{what} failed"),
+    }
 }
 
 fn bytes_of(progress: &Progress) -> Bytes {

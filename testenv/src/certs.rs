@@ -20,16 +20,21 @@ pub(crate) struct Pki {
     pub sa_pub: PathBuf,
 }
 
-pub(crate) fn write_pki(dir: &Path) -> Result<Pki, TestEnvError> {
-    std::fs::create_dir_all(dir).map_err(io("creating pki/"))?;
+/// A self-signed CA named `cn`: its certificate and the issuer that signs with it.
+fn new_ca(cn: &str) -> Result<(rcgen::Certificate, Issuer<'static, KeyPair>), TestEnvError> {
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "peat-testenv-ca");
+    ca_params.distinguished_name.push(DnType::CommonName, cn);
     ca_params.key_usages =
         vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let ca_cert = ca_params.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca_params, ca_key);
+    Ok((ca_cert, Issuer::new(ca_params, ca_key)))
+}
+
+pub(crate) fn write_pki(dir: &Path) -> Result<Pki, TestEnvError> {
+    std::fs::create_dir_all(dir).map_err(io("creating pki/"))?;
+    let (ca_cert, issuer) = new_ca("peat-testenv-ca")?;
 
     let serving_key = KeyPair::generate()?;
     let mut serving = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
@@ -80,13 +85,7 @@ pub(crate) fn write_kubeconfig(path: &Path, server: &str, pki: &Pki) -> Result<(
 /// registry: returns the CA's PEM and the certificate and key paths.
 pub(crate) fn write_registry_tls(dir: &Path) -> Result<(String, PathBuf, PathBuf), TestEnvError> {
     std::fs::create_dir_all(dir).map_err(io("creating tls/"))?;
-    let ca_key = KeyPair::generate()?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "peat-test-registry-ca");
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
-    let ca_cert = ca_params.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca_params, ca_key);
+    let (ca_cert, issuer) = new_ca("peat-test-registry-ca")?;
     let key = KeyPair::generate()?;
     let mut serving = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
     serving.distinguished_name.push(DnType::CommonName, "peat-test-registry");
