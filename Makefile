@@ -48,10 +48,11 @@ install:
 	ln -sf peat $(PREFIX)/bin/kubectl-peat
 	@echo "installed $(PREFIX)/bin/peat and $(PREFIX)/bin/kubectl-peat"
 
-## image: the peat image (linux/amd64) as an OCI image layout in target/image/peat, without a container engine
+## image: the peat image (linux/amd64) as an OCI image layout in target/image/peat, without a container engine; PUSH=host:port/peat:tag also pushes it (INSECURE=1 for plain HTTP)
 image:
 	$(CARGO) build --release --locked --bin peat
-	$(CARGO) run --quiet -p peat-testenv -- image --binary target/release/peat --out target/image/peat
+	$(CARGO) run --quiet -p peat-testenv -- image --binary target/release/peat --out target/image/peat \
+		$(if $(PUSH),--push $(PUSH)) $(if $(INSECURE),--insecure)
 
 # Builds (once per machine, cached in ~/.cache/peat-testenv) etcd, kube-apiserver,
 # kube-controller-manager, kubectl and helm; installs docker-registry with apt when missing.

@@ -72,4 +72,17 @@ fn the_image_layout_is_well_formed_reproducible_and_runs_in_a_chroot() {
         .expect("running chroot (the test environment runs as root)");
     assert!(out.status.success(), "peat in the image's root filesystem: {}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+
+    // Pushed to the registry (where containerd pulls it from), it is the same manifest.
+    let env = support::env();
+    let reference = format!("{}/peat:0.0.0-test", env.registry);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let pushed = rt.block_on(peat_testenv::image::push(&layout, &reference, true)).expect("pushing the image");
+    assert_eq!(pushed, img.manifest_digest);
+    let access = peat::oci::RegistryAccess { insecure: true, ..Default::default() };
+    let r: oci_client::Reference = reference.parse().unwrap();
+    let (raw, digest) = rt
+        .block_on(access.client().pull_manifest_raw(&r, &access.auth, &["application/vnd.oci.image.manifest.v1+json"]))
+        .expect("reading it back");
+    assert_eq!((digest, raw.to_vec()), (img.manifest_digest.clone(), manifest_bytes));
 }

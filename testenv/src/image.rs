@@ -187,3 +187,34 @@ pub fn build(binary: &Path, out: &Path, arch: &str, version: &str) -> Result<Ima
         paths: entries.keys().cloned().collect(),
     })
 }
+
+/// Pushes the image of the layout `layout` to `reference` (`host[:port]/repository:tag`; plain HTTP
+/// when `insecure`): its blobs, then its manifest. Returns the manifest digest.
+pub async fn push(layout: &Path, reference: &str, insecure: bool) -> Result<String, TestEnvError> {
+    let read = |rel: String| std::fs::read(layout.join(&rel)).map_err(io(format!("reading {rel}")));
+    let blob = |digest: &str| read(format!("blobs/sha256/{}", digest.trim_start_matches("sha256:")));
+    let index: serde_json::Value = serde_json::from_slice(&read("index.json".into())?)
+        .map_err(|e| TestEnvError::Build(format!("index.json: {e}")))?;
+    let digest = index["manifests"][0]["digest"]
+        .as_str()
+        .ok_or_else(|| TestEnvError::Build("index.json names no manifest".into()))?
+        .to_string();
+    let manifest_bytes = blob(&digest)?;
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&manifest_bytes).map_err(|e| TestEnvError::Build(format!("manifest: {e}")))?;
+    let registry_error =
+        |e: oci_client::errors::OciDistributionError| TestEnvError::Build(format!("pushing to {reference}: {e}"));
+    let r: oci_client::Reference =
+        reference.parse().map_err(|e| TestEnvError::Build(format!("{reference:?} is no image reference: {e}")))?;
+    let access = peat::oci::RegistryAccess { insecure, ..Default::default() };
+    let client = access.try_client().map_err(|e| TestEnvError::Build(e.to_string()))?;
+    let auth = oci_client::secrets::RegistryAuth::Anonymous;
+    client.auth(&r, &auth, oci_client::RegistryOperation::Push).await.map_err(registry_error)?;
+    let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
+    for d in std::iter::once(&manifest["config"]).chain(layers.iter()).filter_map(|d| d["digest"].as_str()) {
+        client.push_blob(&r, blob(d)?, d).await.map_err(registry_error)?;
+    }
+    let media_type = http::HeaderValue::from_static("application/vnd.oci.image.manifest.v1+json");
+    client.push_manifest_raw(&r, manifest_bytes, media_type).await.map_err(registry_error)?;
+    Ok(digest)
+}

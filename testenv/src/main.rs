@@ -43,6 +43,12 @@ enum Cmd {
         /// Its version (the layout's ref name).
         #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
         version: String,
+        /// Also push it to this reference (`host:port/repository:tag`).
+        #[arg(long)]
+        push: Option<String>,
+        /// Push over plain HTTP (a local registry without TLS).
+        #[arg(long)]
+        insecure: bool,
     },
     /// The end-to-end demo (`make demo`) on a private environment it starts and tears down.
     Demo {
@@ -66,29 +72,44 @@ async fn main() -> ExitCode {
     let dir = std::path::absolute(&cli.dir).unwrap_or(cli.dir.clone());
     match cli.command {
         Cmd::Demo { demo_dir } => demo(&demo_dir).await,
-        Cmd::Image { binary, out, arch, version } => match peat_testenv::image::build(&binary, &out, &arch, &version) {
-            Ok(img) => {
-                println!(
-                    "wrote {} ({} {}; layer {} bytes compressed, {} bytes of files: {} paths)",
-                    img.layout.display(),
-                    version,
-                    img.manifest_digest,
-                    img.layer_size,
-                    img.content_size,
-                    img.paths.len()
-                );
-                println!(
-                    "push it: crane push {} REGISTRY/peat:{version}  (or skopeo copy oci:{}:{version} …)",
-                    img.layout.display(),
-                    img.layout.display()
-                );
-                ExitCode::SUCCESS
+        Cmd::Image { binary, out, arch, version, push, insecure } => {
+            match peat_testenv::image::build(&binary, &out, &arch, &version) {
+                Ok(img) if push.is_some() => {
+                    let to = push.expect("checked");
+                    match peat_testenv::image::push(&img.layout, &to, insecure).await {
+                        Ok(digest) => {
+                            println!("pushed {to} ({digest}; layer {} bytes compressed)", img.layer_size);
+                            ExitCode::SUCCESS
+                        }
+                        Err(e) => {
+                            eprintln!("peat-testenv image: {e}");
+                            ExitCode::FAILURE
+                        }
+                    }
+                }
+                Ok(img) => {
+                    println!(
+                        "wrote {} ({} {}; layer {} bytes compressed, {} bytes of files: {} paths)",
+                        img.layout.display(),
+                        version,
+                        img.manifest_digest,
+                        img.layer_size,
+                        img.content_size,
+                        img.paths.len()
+                    );
+                    println!(
+                        "push it: crane push {} REGISTRY/peat:{version}  (or skopeo copy oci:{}:{version} …)",
+                        img.layout.display(),
+                        img.layout.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("peat-testenv image: {e}");
+                    ExitCode::FAILURE
+                }
             }
-            Err(e) => {
-                eprintln!("peat-testenv image: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        }
         Cmd::Status => {
             let alive = peat_testenv::detached_status(&dir);
             if alive.is_empty() {
