@@ -139,6 +139,17 @@ impl Setup {
         }
     }
 
+    /// Waits until the node's deployment of `model` is Failed on `version`; its status.
+    async fn failed_on(&self, model: &str, agent: &AgentProc, version: &str) -> peat::api::ModelDeploymentStatus {
+        let what = format!("Failed for {version}");
+        let md = self
+            .deployment_where(model, agent, &what, |m| {
+                m.spec.version == version && phase(m) == Some(DeploymentPhase::Failed)
+            })
+            .await;
+        md.status.expect("a Failed deployment has a status")
+    }
+
     async fn deployment(&self, model: &str, agent: &AgentProc) -> ModelDeployment {
         let api: Api<ModelDeployment> = Api::namespaced(self.ctx.client.clone(), &self.ctx.ns);
         api.get(&ModelDeployment::name_for(model, &agent.node)).await.expect("the node's ModelDeployment")
@@ -361,12 +372,7 @@ async fn a_tampered_blob_fails_and_the_previous_version_stays_active() {
     let v2_digest = peat::oci::digest::sha256_digest(&v2[0].1);
     tamper(&s.registry, &v2_digest);
     s.apply("m", "2.0.0", &[&agent], json!({})).await;
-    let md = s
-        .deployment_where("m", &agent, "Failed for 2.0.0", |m| {
-            m.spec.version == "2.0.0" && phase(m) == Some(DeploymentPhase::Failed)
-        })
-        .await;
-    let st = md.status.unwrap();
+    let st = s.failed_on("m", &agent, "2.0.0").await;
     assert_eq!(st.reason, Some(BlockerReason::TransferFailed));
     assert!(st.message.as_deref().unwrap_or_default().contains("digest mismatch"), "{:?}", st.message);
     assert_eq!(st.active_version.as_deref(), Some("1.0.0"));
@@ -733,10 +739,7 @@ async fn the_scheduling_label_stays_on_the_active_version_through_a_slow_paused_
     link.set_rate(0); // unlimited
     tamper(&s.registry, &peat::oci::digest::sha256_digest(&v3[0].1));
     s.apply_via(&link.addr, "m", "3.0.0", &[&agent], json!({})).await;
-    s.deployment_where("m", &agent, "3.0.0 failed", |m| {
-        m.spec.version == "3.0.0" && phase(m) == Some(DeploymentPhase::Failed)
-    })
-    .await;
+    s.failed_on("m", &agent, "3.0.0").await;
     assert_eq!(model_label(&s, &agent, "m").await.as_deref(), Some("1.0.0"), "after a failed upgrade");
     assert_active(&agent.store, "m", "1.0.0", &v1);
 
@@ -930,12 +933,7 @@ async fn archives_from_oras_and_model_pack_are_unpacked_inside_the_version_only(
     std::fs::write(src.join("evil.tar"), b.into_inner().unwrap()).unwrap();
     model_pack("3.0.0", &["evil.tar:application/vnd.cncf.model.weight.v1.tar"]);
     s.apply("m", "3.0.0", &[&agent], json!({})).await;
-    let md = s
-        .deployment_where("m", &agent, "3.0.0 failed", |m| {
-            m.spec.version == "3.0.0" && phase(m) == Some(DeploymentPhase::Failed)
-        })
-        .await;
-    let st = md.status.unwrap();
+    let st = s.failed_on("m", &agent, "3.0.0").await;
     assert_eq!(st.reason, Some(BlockerReason::TransferFailed));
     assert!(st.message.as_deref().unwrap_or_default().contains("escapes"), "{:?}", st.message);
     assert_eq!(st.active_version.as_deref(), Some("2.0.0"));

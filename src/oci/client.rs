@@ -293,6 +293,17 @@ pub fn auth_from_docker_config(json: &[u8], registry: &str) -> Result<RegistryAu
     Ok(RegistryAuth::Anonymous)
 }
 
+/// Reads a Secret; failing to is `SecretUnavailable` (retried: it may be written soon).
+async fn get_secret(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    what: &str,
+) -> Result<k8s_openapi::api::core::v1::Secret, OciError> {
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(client.clone(), namespace);
+    secrets.get(name).await.map_err(|e| OciError::SecretUnavailable(format!("{what} {namespace}/{name}: {e}")))
+}
+
 /// Credentials from a `kubernetes.io/dockerconfigjson` (or `.dockercfg`) Secret for `registry`.
 pub async fn auth_from_secret(
     client: &kube::Client,
@@ -300,12 +311,8 @@ pub async fn auth_from_secret(
     name: &str,
     registry: &str,
 ) -> Result<RegistryAuth, OciError> {
-    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(client.clone(), namespace);
     let err = |m: String| OciError::BadCredentials(format!("secret {namespace}/{name}: {m}"));
-    let secret = secrets
-        .get(name)
-        .await
-        .map_err(|e| OciError::SecretUnavailable(format!("pull secret {namespace}/{name}: {e}")))?;
+    let secret = get_secret(client, namespace, name, "pull secret").await?;
     let data = secret.data.unwrap_or_default();
     let raw = data
         .get(".dockerconfigjson")
@@ -316,12 +323,8 @@ pub async fn auth_from_secret(
 
 /// The text under `key` of Secret `namespace/name` (a CA bundle copy's `ca.crt`).
 pub async fn secret_text(client: &kube::Client, namespace: &str, name: &str, key: &str) -> Result<String, OciError> {
-    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(client.clone(), namespace);
     let err = |m: String| OciError::BadCaBundle(format!("secret {namespace}/{name}: {m}"));
-    let secret = secrets
-        .get(name)
-        .await
-        .map_err(|e| OciError::SecretUnavailable(format!("CA bundle {namespace}/{name}: {e}")))?;
+    let secret = get_secret(client, namespace, name, "CA bundle").await?;
     let raw = secret.data.unwrap_or_default().remove(key).ok_or_else(|| err(format!("has no {key} key")))?;
     String::from_utf8(raw.0).map_err(|_| err(format!("{key} is not UTF-8")))
 }

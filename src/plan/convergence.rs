@@ -262,26 +262,12 @@ pub fn nodes_with_version(model: &str, version: &str, deployments: &[ModelDeploy
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{ModelDeploymentSpec, ModelDeploymentStatus, Priority};
+    use crate::api::ModelDeploymentStatus;
 
     fn md(model: &str, node: &str, version: &str, status: Option<ModelDeploymentStatus>) -> ModelDeployment {
         let mut m = ModelDeployment::new(
             &ModelDeployment::name_for(model, node),
-            ModelDeploymentSpec {
-                node_name: node.into(),
-                model: model.into(),
-                version: version.into(),
-                variant: "int8-cpu".into(),
-                artifact: format!("reg/{model}@sha256:00"),
-                insecure: false,
-                ca_bundle_secret: None,
-                pull_secret: None,
-                priority: Priority::Normal,
-                delta: true,
-                max_size_bytes: None,
-                paused: false,
-                deletion_policy: Default::default(),
-            },
+            crate::plan::fixtures::deployment_spec(node, model, version, &format!("reg/{model}@sha256:00")),
         );
         m.status = status;
         m

@@ -11,6 +11,26 @@ use crate::api::{
 };
 use crate::plan::rivals::Claim;
 
+/// The spec of a ModelDeployment of `model` `version` on `node` (variant `int8-cpu`), every policy
+/// field at its default: tests override what they are about.
+pub(crate) fn deployment_spec(node: &str, model: &str, version: &str, artifact: &str) -> ModelDeploymentSpec {
+    ModelDeploymentSpec {
+        node_name: node.into(),
+        model: model.into(),
+        version: version.into(),
+        variant: "int8-cpu".into(),
+        artifact: artifact.into(),
+        insecure: false,
+        ca_bundle_secret: None,
+        pull_secret: None,
+        priority: Priority::Normal,
+        delta: true,
+        max_size_bytes: None,
+        paused: false,
+        deletion_policy: Default::default(),
+    }
+}
+
 /// Rollout `ml/vision` of version 2.0.0 on all nodes.
 pub(crate) fn rollout(max_parallel: Option<IntOrString>) -> ModelRollout {
     let mut r = ModelRollout::new(
@@ -44,19 +64,8 @@ pub(crate) fn owned(
     let mut md = ModelDeployment::new(
         &ModelDeployment::name_for("vision", node),
         ModelDeploymentSpec {
-            node_name: node.into(),
-            model: "vision".into(),
-            version: version.into(),
-            variant: "int8-cpu".into(),
-            artifact: format!("reg:5000/models/vision@{variant_digest}"),
             insecure: true,
-            ca_bundle_secret: None,
-            pull_secret: None,
-            priority: Priority::Normal,
-            delta: true,
-            max_size_bytes: None,
-            paused: false,
-            deletion_policy: Default::default(),
+            ..deployment_spec(node, "vision", version, &format!("reg:5000/models/vision@{variant_digest}"))
         },
     );
     md.metadata.namespace = Some("ml".into());

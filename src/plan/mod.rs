@@ -3,7 +3,7 @@
 pub mod abort;
 pub mod convergence;
 #[cfg(test)]
-mod fixtures;
+pub(crate) mod fixtures;
 pub mod rivals;
 pub mod scope;
 pub mod status;

@@ -25,19 +25,13 @@ fn md(name: &str, model: &str, version: &str, priority: Priority, age: i64) -> M
     let mut md = ModelDeployment::new(
         name,
         ModelDeploymentSpec {
-            node_name: NODE.into(),
-            model: model.into(),
-            version: version.into(),
-            variant: "int8-cpu".into(),
-            artifact: format!("reg.example/{model}@{}", manifest_of(version)),
-            insecure: false,
-            ca_bundle_secret: None,
-            pull_secret: None,
             priority,
-            delta: true,
-            max_size_bytes: None,
-            paused: false,
-            deletion_policy: Default::default(),
+            ..crate::plan::fixtures::deployment_spec(
+                NODE,
+                model,
+                version,
+                &format!("reg.example/{model}@{}", manifest_of(version)),
+            )
         },
     );
     md.metadata.namespace = Some("ns".into());
