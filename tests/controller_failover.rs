@@ -201,3 +201,30 @@ async fn a_retry_pending_when_the_lease_is_lost_is_made_good_when_it_is_won_back
     })
     .await;
 }
+
+/// Two replicas that both read the Lease as free (as two pods of the chart's Deployment do at
+/// install): the one that claims it second — with the apply the lease manager sends for a free
+/// Lease — must be refused, not overwrite the holder. Under one field manager shared by every
+/// replica the second apply succeeded and both led until their first renewal (seen on the real
+/// node, tests/real_node.rs: two controller pods led for ten seconds).
+#[tokio::test]
+async fn a_replica_claiming_a_lease_it_read_as_free_after_another_took_it_is_refused() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let ctx = support::ctx("lease-race").await;
+    let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &ctx.ns);
+    let a = peat::controller::lease_manager(ctx.client.clone(), &ctx.ns, "race", 15, "replica-a").await.unwrap();
+    assert!(a.changed().await.unwrap(), "replica-a takes the free Lease");
+    // replica-b read the Lease before that, found it free, and now claims it.
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::jiff::Timestamp::now());
+    let claim = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "spec": {
+        "acquireTime": now, "renewTime": now, "holderIdentity": "replica-b", "leaseDurationSeconds": 15}});
+    let pp =
+        PatchParams { field_manager: Some(peat::controller::lease_field_manager("replica-b")), ..Default::default() };
+    match leases.patch("race", &pp, &Patch::Apply(&claim)).await {
+        Err(kube::Error::Api(e)) => assert_eq!(e.code, 409, "the stale claim conflicts: {e:?}"),
+        other => panic!("replica-b's stale claim was not refused: {other:?}"),
+    }
+    let holder = leases.get("race").await.unwrap().spec.and_then(|s| s.holder_identity);
+    assert_eq!(holder.as_deref(), Some("replica-a"), "the first claim stands");
+    a.release().await.unwrap();
+}

@@ -26,14 +26,8 @@ pub(crate) async fn run_with_leader_election(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let duration = opts.lease_duration.as_secs().max(2);
-    let manager = kube_lease_manager::LeaseManagerBuilder::new(ctx.client.clone(), &opts.lease_name)
-        .with_namespace(&opts.lease_namespace)
-        .with_identity(identity)
-        .with_duration(duration)
-        .with_grace((duration / 3).max(1))
-        .with_field_manager(format!("{FIELD_MANAGER}-lease"))
-        .build()
-        .await?;
+    let manager =
+        lease_manager(ctx.client.clone(), &opts.lease_namespace, &opts.lease_name, duration, identity).await?;
     let (mut leader_rx, lease_task) = manager.watch().await;
     info!(identity, lease = %opts.lease_name, "waiting for the lease");
     loop {
@@ -83,6 +77,33 @@ pub(crate) async fn run_with_leader_election(
         _ => {}
     }
     Ok(())
+}
+
+/// The manager of this replica's claim on the Lease `namespace/name`, valid `duration` seconds.
+///
+/// Each replica applies the Lease's holder under a field manager of its own: two replicas that
+/// find the Lease free at once then conflict on the apply and one of them backs off. Under one
+/// shared field manager both applies succeeded, and both replicas led until their first renewal.
+pub async fn lease_manager(
+    client: kube::Client,
+    namespace: &str,
+    name: &str,
+    duration: u64,
+    identity: &str,
+) -> Result<kube_lease_manager::LeaseManager, kube_lease_manager::LeaseManagerError> {
+    kube_lease_manager::LeaseManagerBuilder::new(client, name)
+        .with_namespace(namespace)
+        .with_identity(identity)
+        .with_duration(duration)
+        .with_grace((duration / 3).max(1))
+        .with_field_manager(lease_field_manager(identity))
+        .build()
+        .await
+}
+
+/// The field manager under which the replica `identity` applies its claim on the Lease.
+pub fn lease_field_manager(identity: &str) -> String {
+    format!("{FIELD_MANAGER}-lease-{identity}")
 }
 
 /// Runs the kube-runtime Controller over the broadcast triggers until `stop`.

@@ -36,6 +36,7 @@ use crate::admin::{self, Admin};
 use crate::api::ModelRollout;
 use context::Context;
 
+pub use leader::{lease_field_manager, lease_manager};
 pub use options::Options;
 pub use reconcile::{Error, FIELD_MANAGER, FINALIZER};
 
