@@ -32,9 +32,9 @@ crds:
 	@if [ -d charts/peat-operator/crds ]; then cp crds/peat.dev.yaml charts/peat-operator/crds/peat.dev.yaml; fi
 	@echo "wrote crds/peat.dev.yaml"
 
-## env: start etcd + kube-apiserver + kube-controller-manager + registry in the background
-env: testenv-bins
-	$(CARGO) run --quiet -p peat-testenv -- --dir $(ENV_DIR) up
+## env: start etcd + kube-apiserver + kube-controller-manager + registry in the background; NODE=1 adds a real node (containerd, kubelet, kube-proxy, kube-scheduler, all controllers) in a network namespace of its own, with the peat image in its registry
+env: testenv-bins $(if $(NODE),image)
+	$(CARGO) run --quiet -p peat-testenv -- --dir $(ENV_DIR) up $(if $(NODE),--node --peat-image target/image/peat)
 
 ## env-down: stop the environment and remove its state
 env-down:
@@ -55,7 +55,9 @@ image:
 		$(if $(PUSH),--push $(PUSH)) $(if $(INSECURE),--insecure)
 
 # Builds (once per machine, cached in ~/.cache/peat-testenv) etcd, kube-apiserver,
-# kube-controller-manager, kubectl and helm; installs docker-registry with apt when missing.
+# kube-controller-manager, kubectl, kube-scheduler, kubelet, kube-proxy, helm, oras and the pause
+# binary; installs docker-registry, containerd, runc, the CNI plugins, iptables, conntrack and
+# busybox-static with apt when missing.
 testenv-bins:
 	@bash scripts/testenv-build.sh all >/dev/null
 

@@ -58,8 +58,10 @@ build_etcd() {
 build_kube() {
   local minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
   local outdir="$BIN/kube-$K8S_VERSION"
-  if [ -x "$outdir/kube-apiserver" ] && [ -x "$outdir/kube-controller-manager" ] && [ -x "$outdir/kubectl" ]; then return; fi
-  say "building kube-apiserver, kube-controller-manager and kubectl $K8S_VERSION from the Go module proxy (the first build takes many minutes)"
+  local cmds="kube-apiserver kube-controller-manager kubectl kube-scheduler kubelet kube-proxy" c missing=""
+  for c in $cmds; do [ -x "$outdir/$c" ] || missing=1; done
+  [ -z "$missing" ] && return
+  say "building $cmds $K8S_VERSION from the Go module proxy (the first build takes many minutes)"
   local dir="$CACHE/build/kube-$K8S_VERSION"
   rm -rf "$dir"; mkdir -p "$dir"; cd "$dir"
   go mod init peat-testenv/kube >/dev/null 2>&1
@@ -84,9 +86,9 @@ for r in m.get("Require") or []:
     ldflags+=" -X $p.buildDate=1970-01-01T00:00:00Z"
   done
   mkdir -p "$outdir.tmp"
-  run_with_progress "kube $K8S_VERSION" bash -c "
-    go get k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION k8s.io/kubernetes/cmd/kube-controller-manager@$K8S_VERSION k8s.io/kubernetes/cmd/kubectl@$K8S_VERSION &&
-    go build -trimpath -ldflags '$ldflags' -o '$outdir.tmp/' k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl"
+  local gets="" pkgs=""
+  for c in $cmds; do gets+=" k8s.io/kubernetes/cmd/$c@$K8S_VERSION"; pkgs+=" k8s.io/kubernetes/cmd/$c"; done
+  run_with_progress "kube $K8S_VERSION" bash -c "go get $gets && go build -trimpath -ldflags '$ldflags' -o '$outdir.tmp/' $pkgs"
   rm -rf "$outdir"; mv "$outdir.tmp" "$outdir"
 }
 
@@ -99,6 +101,34 @@ build_helm() {
   run_with_progress "helm" env GOBIN="$dir" go install -trimpath \
     -ldflags "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
   mv "$dir/helm" "$out"
+}
+
+# A real node (tests/real_node.rs, `make env NODE=1`): Debian's containerd, runc, CNI plugins,
+# iptables and conntrack (kube-proxy), busybox-static (the test pods' image); the pause binary of
+# the sandboxes, from the kubernetes module's own source (no package ships one).
+ensure_node() {
+  local pkgs="" p
+  for p in containerd runc containernetworking-plugins iptables conntrack busybox-static; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || pkgs+=" $p"
+  done
+  if [ -n "$pkgs" ]; then
+    say "installing$pkgs with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2
+    # shellcheck disable=SC2086
+    apt-get install -y -qq --no-install-recommends $pkgs >&2
+    # Debian starts a system containerd under systemd only; ours run with their own state.
+    if command -v service >/dev/null 2>&1; then service containerd stop >/dev/null 2>&1 || true; fi
+  fi
+  local out="$BIN/pause-$K8S_VERSION"
+  [ -x "$out" ] && return
+  command -v gcc >/dev/null || { apt-get update -qq >&2; apt-get install -y -qq gcc libc6-dev >&2; }
+  local src
+  src="$(cd "$CACHE/build/kube-$K8S_VERSION" && go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')/build/pause/linux/pause.c"
+  [ -f "$src" ] || { say "no pause.c at $src"; return 1; }
+  gcc -Os -static -Wall -Werror -DVERSION="$K8S_VERSION" -o "$out.tmp" "$src"
+  strip "$out.tmp" 2>/dev/null || true
+  mv "$out.tmp" "$out"
 }
 
 # oras: the ORAS compatibility test pushes with it, the pull benchmark compares against it.
@@ -118,19 +148,29 @@ flock 9
 
 what="${1:-all}"
 case "$what" in
-  all) ensure_registry; build_etcd; build_kube; build_helm; build_oras ;;
+  all) ensure_registry; build_etcd; build_kube; build_helm; build_oras; ensure_node ;;
   registry) ensure_registry ;;
   etcd) build_etcd ;;
   kube) build_kube ;;
   helm) build_helm ;;
   oras) build_oras ;;
-  *) echo "usage: $0 [all|registry|etcd|kube|helm|oras]" >&2; exit 2 ;;
+  node) build_kube; ensure_node ;;
+  *) echo "usage: $0 [all|registry|etcd|kube|helm|oras|node]" >&2; exit 2 ;;
 esac
 cat <<PATHS
 ETCD=$BIN/etcd-$ETCD_VERSION
 KUBE_APISERVER=$BIN/kube-$K8S_VERSION/kube-apiserver
 KUBE_CONTROLLER_MANAGER=$BIN/kube-$K8S_VERSION/kube-controller-manager
 KUBECTL=$BIN/kube-$K8S_VERSION/kubectl
+KUBE_SCHEDULER=$BIN/kube-$K8S_VERSION/kube-scheduler
+KUBELET=$BIN/kube-$K8S_VERSION/kubelet
+KUBE_PROXY=$BIN/kube-$K8S_VERSION/kube-proxy
+PAUSE=$BIN/pause-$K8S_VERSION
+CONTAINERD=$(command -v containerd || echo /usr/bin/containerd)
+CTR=$(command -v ctr || echo /usr/bin/ctr)
+RUNC=$(command -v runc || echo /usr/sbin/runc)
+BUSYBOX=/bin/busybox
+CNI_BIN_DIR=/usr/lib/cni
 HELM=$BIN/helm-$HELM_VERSION
 ORAS=$BIN/oras-$ORAS_VERSION
 REGISTRY=$(command -v docker-registry || echo /usr/bin/docker-registry)

@@ -18,6 +18,8 @@ pub(crate) struct Pki {
     pub admin_key: PathBuf,
     pub sa_key: PathBuf,
     pub sa_pub: PathBuf,
+    /// A kubelet's client certificate (`system:node:<name>` in `system:nodes`), when asked for.
+    pub kubelet: Option<(PathBuf, PathBuf)>,
 }
 
 /// A self-signed CA named `cn`: its certificate and the issuer that signs with it.
@@ -32,12 +34,16 @@ fn new_ca(cn: &str) -> Result<(rcgen::Certificate, Issuer<'static, KeyPair>), Te
     Ok((ca_cert, Issuer::new(ca_params, ca_key)))
 }
 
-pub(crate) fn write_pki(dir: &Path) -> Result<Pki, TestEnvError> {
+/// The PKI; the API server's certificate is also valid for `extra_sans` (a node IP, the `kubernetes`
+/// Service's address and names), and `node` gets a kubelet client certificate.
+pub(crate) fn write_pki(dir: &Path, extra_sans: &[String], node: Option<&str>) -> Result<Pki, TestEnvError> {
     std::fs::create_dir_all(dir).map_err(io("creating pki/"))?;
     let (ca_cert, issuer) = new_ca("peat-testenv-ca")?;
 
     let serving_key = KeyPair::generate()?;
-    let mut serving = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
+    let mut sans = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+    sans.extend(extra_sans.iter().cloned());
+    let mut serving = CertificateParams::new(sans)?;
     serving.distinguished_name.push(DnType::CommonName, "kube-apiserver");
     let serving_cert = serving.signed_by(&serving_key, &issuer)?;
 
@@ -58,6 +64,7 @@ pub(crate) fn write_pki(dir: &Path) -> Result<Pki, TestEnvError> {
         admin_key: dir.join("admin.key"),
         sa_key: dir.join("sa.key"),
         sa_pub: dir.join("sa.pub"),
+        kubelet: node.map(|_| (dir.join("kubelet.crt"), dir.join("kubelet.key"))),
     };
     let write = |p: &Path, s: String| std::fs::write(p, s).map_err(io(format!("writing {}", p.display())));
     write(&pki.ca_cert, ca_cert.pem())?;
@@ -68,15 +75,35 @@ pub(crate) fn write_pki(dir: &Path) -> Result<Pki, TestEnvError> {
     write(&pki.sa_key, sa_key.serialize_pem())?;
     // kube-apiserver reads public keys from PKIX PEM, not from a PKCS#8 private key.
     write(&pki.sa_pub, sa_key.public_key_pem())?;
+    if let (Some(node), Some((cert, key))) = (node, &pki.kubelet) {
+        // What the Node authorizer and NodeRestriction admission know a kubelet by.
+        let kubelet_key = KeyPair::generate()?;
+        let mut kubelet = CertificateParams::new(Vec::<String>::new())?;
+        kubelet.distinguished_name.push(DnType::CommonName, format!("system:node:{node}"));
+        kubelet.distinguished_name.push(DnType::OrganizationName, "system:nodes");
+        write(cert, kubelet.signed_by(&kubelet_key, &issuer)?.pem())?;
+        write(key, kubelet_key.serialize_pem())?;
+    }
     Ok(pki)
 }
 
 pub(crate) fn write_kubeconfig(path: &Path, server: &str, pki: &Pki) -> Result<(), TestEnvError> {
+    write_kubeconfig_for(path, server, &pki.ca_cert, &pki.admin_cert, &pki.admin_key)
+}
+
+/// A kubeconfig for `server` with the client certificate `cert`/`key`.
+pub(crate) fn write_kubeconfig_for(
+    path: &Path,
+    server: &str,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Result<(), TestEnvError> {
     let text = format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: peat-testenv\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\nusers:\n- name: admin\n  user:\n    client-certificate: {cert}\n    client-key: {key}\ncontexts:\n- name: peat-testenv\n  context:\n    cluster: peat-testenv\n    user: admin\n    namespace: default\ncurrent-context: peat-testenv\n",
-        ca = pki.ca_cert.display(),
-        cert = pki.admin_cert.display(),
-        key = pki.admin_key.display(),
+        ca = ca.display(),
+        cert = cert.display(),
+        key = key.display(),
     );
     std::fs::write(path, text).map_err(io("writing the kubeconfig"))
 }

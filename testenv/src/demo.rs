@@ -330,6 +330,7 @@ async fn steps(opts: DemoOptions, slot: &mut Option<Demo>) -> Result<String, Dem
             lifetime: Lifetime::TiedToThisProcess,
             controller_manager: false,
             install_crds: true,
+            cluster: None,
         },
     )
     .await?;
@@ -727,6 +728,12 @@ impl Demo {
             active.join(", "),
             started.elapsed().as_secs_f64(),
             self.opts.dir.join("logs").display()
+        );
+        let _ = writeln!(
+            out,
+            "Here the nodes are processes. For the chart's pods on a real kubelet (containerd, kube-proxy, an\n\
+             agent pod writing its hostPath store, an inference pod reading the model): make env NODE=1\n\
+             (README, \"On a real node\"); tests/real_node.rs runs that path in make test."
         );
         Ok(out)
     }

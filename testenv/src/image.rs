@@ -75,17 +75,6 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// Builds the image of `binary` into the OCI layout `out` (replaced), for `arch` (GOARCH-style).
 pub fn build(binary: &Path, out: &Path, arch: &str, version: &str) -> Result<Image, TestEnvError> {
     let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
-    let add_parents = |entries: &mut BTreeMap<String, Entry>, path: &str| {
-        let mut p = Path::new(path).parent();
-        while let Some(dir) = p.filter(|d| !d.as_os_str().is_empty()) {
-            entries.entry(format!("{}/", dir.display())).or_insert(Entry::Dir(0o755));
-            p = dir.parent();
-        }
-    };
-    let put = |entries: &mut BTreeMap<String, Entry>, path: &str, e: Entry| {
-        add_parents(entries, path);
-        entries.insert(path.to_string(), e);
-    };
     put(&mut entries, BINARY_PATH, Entry::File { from: binary.to_path_buf(), mode: 0o755 });
     put(&mut entries, "usr/local/bin/kubectl-peat", Entry::Link("peat".into()));
     for lib in shared_libraries(binary)? {
@@ -99,10 +88,56 @@ pub fn build(binary: &Path, out: &Path, arch: &str, version: &str) -> Result<Ima
     put(&mut entries, CA_BUNDLE, Entry::File { from: ca, mode: 0o644 });
     entries.insert("tmp/".into(), Entry::Dir(0o1777));
 
+    let config = json!({
+        "User": USER,
+        "Entrypoint": ["/usr/local/bin/peat"],
+        "Cmd": ["--help"],
+        "Env": ["PATH=/usr/local/bin:/usr/bin:/bin", "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt"],
+        "Labels": {"org.opencontainers.image.title": "peat-operator", "org.opencontainers.image.version": version},
+    });
+    write_layout(&entries, config, out, arch, version)
+}
+
+/// An image of a few static files (`(path in the image, file)`, executable) run as `entrypoint`
+/// by `user`: the pause image of a real node's sandboxes, a busybox for its test pods.
+pub fn build_static(
+    files: &[(&str, &Path)],
+    entrypoint: &[&str],
+    user: &str,
+    out: &Path,
+    arch: &str,
+    version: &str,
+) -> Result<Image, TestEnvError> {
+    let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
+    for (path, from) in files {
+        put(&mut entries, path, Entry::File { from: from.to_path_buf(), mode: 0o755 });
+    }
+    entries.insert("tmp/".into(), Entry::Dir(0o1777));
+    let config = json!({"User": user, "Entrypoint": entrypoint, "Env": ["PATH=/bin:/usr/bin"]});
+    write_layout(&entries, config, out, arch, version)
+}
+
+fn put(entries: &mut BTreeMap<String, Entry>, path: &str, e: Entry) {
+    let mut p = Path::new(path).parent();
+    while let Some(dir) = p.filter(|d| !d.as_os_str().is_empty()) {
+        entries.entry(format!("{}/", dir.display())).or_insert(Entry::Dir(0o755));
+        p = dir.parent();
+    }
+    entries.insert(path.to_string(), e);
+}
+
+/// Writes `entries` as the one layer of an image with the OCI `config` section, as a layout.
+fn write_layout(
+    entries: &BTreeMap<String, Entry>,
+    config: serde_json::Value,
+    out: &Path,
+    arch: &str,
+    version: &str,
+) -> Result<Image, TestEnvError> {
     // The layer: deterministic (sorted, mtime 0, root-owned), so the same inputs give the same digest.
     let mut tar = tar::Builder::new(Vec::new());
     let mut content_size = 0;
-    for (path, e) in &entries {
+    for (path, e) in entries {
         let mut h = tar::Header::new_gnu();
         h.set_mtime(0);
         h.set_uid(0);
@@ -138,13 +173,7 @@ pub fn build(binary: &Path, out: &Path, arch: &str, version: &str) -> Result<Ima
     let config = serde_json::to_vec(&json!({
         "architecture": arch,
         "os": "linux",
-        "config": {
-            "User": USER,
-            "Entrypoint": ["/usr/local/bin/peat"],
-            "Cmd": ["--help"],
-            "Env": ["PATH=/usr/local/bin:/usr/bin:/bin", "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt"],
-            "Labels": {"org.opencontainers.image.title": "peat-operator", "org.opencontainers.image.version": version},
-        },
+        "config": config,
         "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", sha256_hex(&layer_tar))]},
         "history": [{"created_by": "peat-testenv image (make image)"}],
     }))

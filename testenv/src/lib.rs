@@ -13,6 +13,7 @@ pub mod demo;
 mod error;
 pub mod harness;
 pub mod image;
+pub mod node;
 mod process;
 
 use std::collections::BTreeMap;
@@ -46,6 +47,8 @@ pub struct Binaries {
     pub oras: PathBuf,
     /// Debian's docker-registry.
     pub registry: PathBuf,
+    /// What a real node runs ([`node::RealCluster`]).
+    pub node: node::NodeBinaries,
 }
 
 impl Binaries {
@@ -80,6 +83,17 @@ impl Binaries {
             helm: get("HELM")?,
             oras: get("ORAS")?,
             registry: get("REGISTRY")?,
+            node: node::NodeBinaries {
+                kube_scheduler: get("KUBE_SCHEDULER")?,
+                kubelet: get("KUBELET")?,
+                kube_proxy: get("KUBE_PROXY")?,
+                pause: get("PAUSE")?,
+                containerd: get("CONTAINERD")?,
+                ctr: get("CTR")?,
+                runc: get("RUNC")?,
+                busybox: get("BUSYBOX")?,
+                cni_bin_dir: get("CNI_BIN_DIR")?,
+            },
         })
     }
 }
@@ -109,6 +123,10 @@ pub struct Options {
     pub controller_manager: bool,
     /// Install the peat CRDs and wait for them to be Established.
     pub install_crds: bool,
+    /// Run as the control plane of a real node ([`node::RealCluster`]): every process in the
+    /// node's network namespace, serving on the node IP, with the authorizers, admission plugins
+    /// and controllers that pods need. The caller's thread must have entered that namespace.
+    pub cluster: Option<node::ClusterNetwork>,
 }
 
 /// A running environment.
@@ -128,6 +146,9 @@ pub struct TestEnv {
     pub binaries: Binaries,
     /// The processes, in start order.
     pub processes: Vec<ManagedProcess>,
+    /// The cluster network it runs in, if any.
+    pub cluster: Option<node::ClusterNetwork>,
+    pki: certs::Pki,
 }
 
 /// A port on 127.0.0.1 free at the time of asking.
@@ -143,7 +164,11 @@ impl TestEnv {
     pub async fn start(binaries: Binaries, opts: Options) -> Result<TestEnv, TestEnvError> {
         let dir = std::path::absolute(&opts.dir).map_err(io("resolving the state directory"))?;
         std::fs::create_dir_all(dir.join("logs")).map_err(io(format!("creating {}", dir.display())))?;
-        let pki = certs::write_pki(&dir.join("pki"))?;
+        let net = opts.cluster.clone();
+        let pki = match &net {
+            Some(net) => certs::write_pki(&dir.join("pki"), &net.apiserver_names(), Some(&net.node_name))?,
+            None => certs::write_pki(&dir.join("pki"), &[], None)?,
+        };
         let mut env = TestEnv {
             kubeconfig: dir.join("kubeconfig"),
             apiserver_url: String::new(),
@@ -152,7 +177,12 @@ impl TestEnv {
             dir: dir.clone(),
             binaries,
             processes: Vec::new(),
+            cluster: net.clone(),
+            pki: pki.clone(),
         };
+        // Where the API server and the registry serve: the node IP in a cluster (pods reach them
+        // there), loopback otherwise.
+        let host = net.as_ref().map_or("127.0.0.1".to_string(), |n| n.node_ip.clone());
         // On any failure below, `env` is dropped and stops what it started.
         let etcd_port = free_port()?;
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
@@ -172,30 +202,44 @@ impl TestEnv {
         env.wait_http("etcd", &format!("127.0.0.1:{etcd_port}"), "/health", "\"health\":\"true\"").await?;
 
         let api_port = free_port()?;
-        env.apiserver_url = format!("https://127.0.0.1:{api_port}");
-        env.spawn(
-            "kube-apiserver",
-            &env.binaries.kube_apiserver.clone(),
-            &[
-                format!("--etcd-servers={etcd_url}"),
-                format!("--cert-dir={}", pki.dir.display()),
-                format!("--tls-cert-file={}", pki.serving_cert.display()),
-                format!("--tls-private-key-file={}", pki.serving_key.display()),
-                format!("--secure-port={api_port}"),
+        env.apiserver_url = format!("https://{host}:{api_port}");
+        let mut args = vec![
+            format!("--etcd-servers={etcd_url}"),
+            format!("--cert-dir={}", pki.dir.display()),
+            format!("--tls-cert-file={}", pki.serving_cert.display()),
+            format!("--tls-private-key-file={}", pki.serving_key.display()),
+            format!("--secure-port={api_port}"),
+            format!("--client-ca-file={}", pki.ca_cert.display()),
+            "--service-account-issuer=https://peat-testenv.invalid".into(),
+            format!("--service-account-key-file={}", pki.sa_pub.display()),
+            format!("--service-account-signing-key-file={}", pki.sa_key.display()),
+            "--allow-privileged=true".into(),
+        ];
+        match &net {
+            None => args.extend([
                 "--bind-address=127.0.0.1".into(),
                 "--advertise-address=127.0.0.1".into(),
                 "--service-cluster-ip-range=10.0.0.0/24".into(),
                 "--authorization-mode=RBAC".into(),
-                format!("--client-ca-file={}", pki.ca_cert.display()),
-                "--service-account-issuer=https://peat-testenv.invalid".into(),
-                format!("--service-account-key-file={}", pki.sa_pub.display()),
-                format!("--service-account-signing-key-file={}", pki.sa_key.display()),
                 "--disable-admission-plugins=ServiceAccount".into(),
-                "--allow-privileged=true".into(),
                 "--endpoint-reconciler-type=none".into(),
-            ],
-            opts.lifetime,
-        )?;
+            ]),
+            // Pods: projected service-account tokens (ServiceAccount admission), kubelets confined
+            // to their node (Node authorizer, NodeRestriction), the `kubernetes` Service's
+            // endpoint at the node IP, logs and exec through the kubelet.
+            Some(n) => args.extend([
+                "--bind-address=0.0.0.0".into(),
+                format!("--advertise-address={}", n.node_ip),
+                format!("--service-cluster-ip-range={}", n.service_cidr),
+                "--authorization-mode=Node,RBAC".into(),
+                "--enable-admission-plugins=NodeRestriction".into(),
+                format!("--kubelet-client-certificate={}", pki.admin_cert.display()),
+                // The node IP, not its name: a name lookup would ask the machine's resolver.
+                "--kubelet-preferred-address-types=InternalIP".into(),
+                format!("--kubelet-client-key={}", pki.admin_key.display()),
+            ]),
+        }
+        env.spawn("kube-apiserver", &env.binaries.kube_apiserver.clone(), &args, opts.lifetime)?;
         certs::write_kubeconfig(&env.kubeconfig, &env.apiserver_url, &pki)?;
         env.wait_apiserver().await?;
 
@@ -205,24 +249,29 @@ impl TestEnv {
             env.install_crds().await?;
         }
         if opts.controller_manager {
-            env.spawn(
-                "kube-controller-manager",
-                &env.binaries.kube_controller_manager.clone(),
-                &[
-                    format!("--kubeconfig={}", env.kubeconfig.display()),
-                    "--controllers=garbagecollector,namespace,serviceaccount,serviceaccount-token".into(),
-                    format!("--service-account-private-key-file={}", pki.sa_key.display()),
-                    format!("--root-ca-file={}", pki.ca_cert.display()),
-                    "--leader-elect=false".into(),
-                    "--secure-port=0".into(),
-                    "--concurrent-gc-syncs=5".into(),
-                ],
-                opts.lifetime,
-            )?;
+            let controllers = match &net {
+                None => "--controllers=garbagecollector,namespace,serviceaccount,serviceaccount-token".to_string(),
+                // Deployments, ReplicaSets, DaemonSets, node lifecycle, endpoints…: all of them,
+                // each with its own service account as in a real cluster.
+                Some(_) => "--controllers=*".to_string(),
+            };
+            let mut args = vec![
+                format!("--kubeconfig={}", env.kubeconfig.display()),
+                controllers,
+                format!("--service-account-private-key-file={}", pki.sa_key.display()),
+                format!("--root-ca-file={}", pki.ca_cert.display()),
+                "--leader-elect=false".into(),
+                "--secure-port=0".into(),
+                "--concurrent-gc-syncs=5".into(),
+            ];
+            if net.is_some() {
+                args.push("--use-service-account-credentials".into());
+            }
+            env.spawn("kube-controller-manager", &env.binaries.kube_controller_manager.clone(), &args, opts.lifetime)?;
         }
 
         let registry_port = free_port()?;
-        env.registry = format!("127.0.0.1:{registry_port}");
+        env.registry = format!("{host}:{registry_port}");
         let registry_config = dir.join("registry.yml");
         write_registry_config(&registry_config, &env.registry_storage, &env.registry)?;
         env.spawn(
@@ -238,8 +287,22 @@ impl TestEnv {
     }
 
     fn spawn(&mut self, name: &str, bin: &Path, args: &[String], lifetime: Lifetime) -> Result<(), TestEnvError> {
+        self.spawn_with_env(name, bin, args, &[], lifetime)
+    }
+
+    /// Starts a process of the environment (in its network namespace, if it has one).
+    fn spawn_with_env(
+        &mut self,
+        name: &str,
+        bin: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        lifetime: Lifetime,
+    ) -> Result<(), TestEnvError> {
         let log = self.dir.join("logs").join(format!("{name}.log"));
-        let p = ManagedProcess::spawn(name, bin, args, &log, lifetime).map_err(io(format!("starting {name}")))?;
+        let netns = self.cluster.as_ref().map(|c| c.netns_fd());
+        let p = ManagedProcess::spawn_in(name, bin, args, env, &log, lifetime, netns)
+            .map_err(io(format!("starting {name}")))?;
         self.processes.push(p);
         Ok(())
     }

@@ -24,7 +24,15 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Start the environment in the background (or report the running one).
-    Up,
+    Up {
+        /// Also a real node (containerd, kubelet, kube-proxy, kube-scheduler, every default
+        /// controller), everything in a network namespace of its own: the chart's pods run.
+        #[arg(long)]
+        node: bool,
+        /// With --node: push this OCI image layout (make image) to the node's registry as peat:<version>.
+        #[arg(long)]
+        peat_image: Option<PathBuf>,
+    },
     /// Stop it and remove its state.
     Down,
     /// Say whether it runs.
@@ -122,7 +130,7 @@ async fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Cmd::Down => {
-            let stopped = peat_testenv::stop_detached(&dir);
+            let stopped = peat_testenv::node::stop_detached(&dir);
             if stopped.is_empty() {
                 println!("no environment was running in {}", dir.display());
             } else {
@@ -130,7 +138,7 @@ async fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Cmd::Up => {
+        Cmd::Up { node, peat_image } => {
             let alive = peat_testenv::detached_status(&dir);
             if !alive.is_empty() {
                 let names: Vec<_> = alive.iter().map(|(p, n)| format!("{n} (pid {p})")).collect();
@@ -143,7 +151,7 @@ async fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             // Leftovers of a crashed or half-stopped one.
-            peat_testenv::stop_detached(&dir);
+            peat_testenv::node::stop_detached(&dir);
             let root = peat_testenv::harness::repo_root();
             let binaries = match Binaries::ensure(&root) {
                 Ok(b) => b,
@@ -152,12 +160,16 @@ async fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            if node {
+                return up_node(binaries, &dir, peat_image).await;
+            }
             eprintln!("starting etcd, kube-apiserver, kube-controller-manager and the registry in {} …", dir.display());
             let opts = Options {
                 dir: dir.clone(),
                 lifetime: Lifetime::Detached,
                 controller_manager: true,
                 install_crds: true,
+                cluster: None,
             };
             match TestEnv::start(binaries, opts).await {
                 Ok(env) => {
@@ -175,6 +187,66 @@ async fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// `make env NODE=1`: the environment with a real node, in a network namespace of its own.
+async fn up_node(binaries: Binaries, dir: &std::path::Path, peat_image: Option<PathBuf>) -> ExitCode {
+    use peat_testenv::node::{ClusterNetwork, RealCluster};
+    eprintln!(
+        "starting a control plane, a registry and a real node (containerd, kubelet, kube-proxy) in {} …",
+        dir.display()
+    );
+    let started = std::time::Instant::now();
+    let run = async {
+        let net = ClusterNetwork::create("peat-node")?;
+        // This thread (the whole runtime: it is current_thread) goes in; so do its children.
+        net.enter()?;
+        let cluster = RealCluster::start(binaries, dir, net, Lifetime::Detached).await?;
+        let mut pushed = None;
+        if let Some(layout) = peat_image {
+            let reference = format!("{}/peat:{}", cluster.env.registry, env!("CARGO_PKG_VERSION"));
+            peat_testenv::image::push(&layout, &reference, true).await?;
+            pushed = Some(reference);
+        }
+        Ok::<_, peat_testenv::TestEnvError>((cluster, pushed))
+    };
+    match run.await {
+        Ok((cluster, pushed)) => {
+            let ns = cluster.net.name().to_string();
+            println!(
+                "real node {} Ready in {:.0?}: API server {}, registry {} — inside network namespace {ns} only.
+                 Use it from a shell in the namespace:
+  ip netns exec {ns} bash
+  . {}/env.sh
+  kubectl get nodes",
+                cluster.net.node_name,
+                started.elapsed(),
+                cluster.env.apiserver_url,
+                cluster.env.registry,
+                dir.display()
+            );
+            if let Some(image) = pushed {
+                let (repo, tag) = image.rsplit_once(':').expect("a tag");
+                println!(
+                    "  helm install peat charts/peat-operator -n peat-system --create-namespace \\
+    --set image.repository={repo} --set image.tag={tag} --set agent.store={}/store",
+                    dir.display()
+                );
+            }
+            println!("Stop it with: make env-down");
+            match cluster.detach() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("peat-testenv: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("peat-testenv: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -62,13 +62,33 @@ impl ManagedProcess {
         log: &Path,
         lifetime: Lifetime,
     ) -> std::io::Result<Self> {
+        Self::spawn_in(name, bin, args, env, log, lifetime, None)
+    }
+
+    /// Like [`ManagedProcess::spawn_with_env`], in the network namespace open as `netns` (a file
+    /// descriptor of `/run/netns/<name>`, open for as long as this call runs) when one is given.
+    pub fn spawn_in(
+        name: &str,
+        bin: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        log: &Path,
+        lifetime: Lifetime,
+        netns: Option<std::os::fd::RawFd>,
+    ) -> std::io::Result<Self> {
         let out = File::options().create(true).append(true).open(log)?;
         let mut cmd = Command::new(bin);
         cmd.args(args).envs(env.iter().map(|(k, v)| (k, v))).stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
         let parent = std::process::id();
-        // SAFETY: only async-signal-safe calls (setsid, prctl, getppid, _exit) between fork and exec.
+        // SAFETY: only async-signal-safe calls (setns, setsid, prctl, getppid, _exit) between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
+                // The spawner thread may be in another network namespace than the caller.
+                if let Some(fd) = netns
+                    && libc::setns(fd, libc::CLONE_NEWNET) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
                 // Own session: Ctrl-C at a terminal reaches the test runner, which then ends us
                 // itself (or, if it dies, the death signal does) instead of half the environment.
                 libc::setsid();

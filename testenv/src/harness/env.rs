@@ -97,8 +97,13 @@ pub fn env() -> &'static TestEnv {
             *CLEANUP.lock().unwrap() = Some(dir.clone());
             unsafe { libc::atexit(remove_state_at_exit) };
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            let opts =
-                Options { dir, lifetime: Lifetime::TiedToThisProcess, controller_manager: true, install_crds: true };
+            let opts = Options {
+                dir,
+                lifetime: Lifetime::TiedToThisProcess,
+                controller_manager: true,
+                install_crds: true,
+                cluster: None,
+            };
             rt.block_on(TestEnv::start(binaries, opts)).unwrap_or_else(|e| panic!("starting the test environment: {e}"))
         })
         .join()
