@@ -48,11 +48,23 @@ install:
 	ln -sf peat $(PREFIX)/bin/kubectl-peat
 	@echo "installed $(PREFIX)/bin/peat and $(PREFIX)/bin/kubectl-peat"
 
-## image: the peat image (linux/amd64) as an OCI image layout in target/image/peat, without a container engine; PUSH=host:port/peat:tag also pushes it (INSECURE=1 for plain HTTP)
+## image: the peat image as an OCI image layout, without a container engine: linux/amd64 in target/image/peat; ARCH=arm64 cross-builds linux/arm64 into target/image/peat-arm64 (Rust target and Debian's cross gcc installed on first use); PUSH=host:port/peat:tag also pushes it (INSECURE=1 for plain HTTP)
+ARCH ?= amd64
 image:
+ifeq ($(ARCH),amd64)
 	$(CARGO) build --release --locked --bin peat
 	$(CARGO) run --quiet -p peat-testenv -- image --binary target/release/peat --out target/image/peat \
 		$(if $(PUSH),--push $(PUSH)) $(if $(INSECURE),--insecure)
+else ifeq ($(ARCH),arm64)
+	@bash scripts/cross-toolchain.sh arm64
+	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc \
+		AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar \
+		$(CARGO) build --release --locked --bin peat --target aarch64-unknown-linux-gnu
+	$(CARGO) run --quiet -p peat-testenv -- image --binary target/aarch64-unknown-linux-gnu/release/peat \
+		--arch arm64 --out target/image/peat-arm64 $(if $(PUSH),--push $(PUSH)) $(if $(INSECURE),--insecure)
+else
+	@echo "make image: ARCH=amd64 or ARCH=arm64" >&2; exit 2
+endif
 
 # Builds (once per machine, cached in ~/.cache/peat-testenv) etcd, kube-apiserver,
 # kube-controller-manager, kubectl, kube-scheduler, kubelet, kube-proxy, helm, oras and the pause

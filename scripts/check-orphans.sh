@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fails when a test-environment process (started under DIR) outlived the test run, or when a real
-# node of the tests (tests/real_node.rs) left a network namespace, mounts, kubelet cgroups or
-# processes behind.
+# node of the tests (tests/real_node.rs) left a network namespace, mounts, cgroups or processes
+# behind. (tests/real_node.rs itself also compares the kernel settings and fixed directories a
+# kubelet changes before and after.)
 set -euo pipefail
 dir="${1:?usage: check-orphans.sh STATE_DIR}"
 left=""
@@ -11,24 +12,23 @@ for pid in $(pgrep -f '^[^ ]*(etcd[^ /]*|kube-apiserver|kube-controller-manager|
   cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)
   [[ "$cmd" == *"$dir"* ]] && left+="process $pid $cmd"$'\n'
 done
-# Real nodes of the tests: their /run/peat-node-* directory records their environment directory.
-live_node=""
+# Real nodes of the tests: their /run/peat-node-* directory records their environment directory;
+# a node of `make env NODE=1` records one outside DIR and is left alone.
+ours() {  # ours NAME: whether the node NAME belongs to the tests (or to nobody any more)
+  local envdir
+  envdir=$(cat "/run/$1/env-dir" 2>/dev/null || true)
+  [[ -z "$envdir" || "$envdir" == "$dir"* ]]
+}
 for ns in $(ls /run/netns 2>/dev/null | grep '^peat-node-' || true); do
-  envdir=$(cat "/run/$ns/env-dir" 2>/dev/null || true)
-  if [[ -z "$envdir" || "$envdir" == "$dir"* ]]; then
-    left+="network namespace $ns (environment ${envdir:-unknown})"$'\n'
-  else
-    live_node=1   # a node of `make env NODE=1`, not of the tests
-  fi
+  ours "$ns" && left+="network namespace $ns"$'\n'
 done
 while read -r mnt; do
-  [[ "$mnt" == "$dir"* || "$mnt" == /run/peat-node-* ]] && left+="mount $mnt"$'\n'
+  if [[ "$mnt" == "$dir"* ]]; then left+="mount $mnt"$'\n'; fi
+  if [[ "$mnt" =~ ^/run/(peat-node-[0-9]+)/ ]] && ours "${BASH_REMATCH[1]}"; then left+="mount $mnt"$'\n'; fi
 done < <(awk '{print $5}' /proc/self/mountinfo)
-if [ -z "$live_node" ]; then
-  for cg in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods; do
-    [ -d "$cg" ] && left+="cgroup $cg"$'\n'
-  done
-fi
+for cg in /sys/fs/cgroup/*/peat-node-*; do
+  [ -d "$cg" ] && ours "$(basename "$cg")" && left+="cgroup $cg"$'\n'
+done
 if [ -n "$left" ]; then
   echo "left behind by the tests:" >&2
   printf '%s' "$left" >&2

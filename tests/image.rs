@@ -86,3 +86,22 @@ fn the_image_layout_is_well_formed_reproducible_and_runs_in_a_chroot() {
         .expect("reading it back");
     assert_eq!((digest, raw.to_vec()), (img.manifest_digest.clone(), manifest_bytes));
 }
+
+/// The library lookup of cross builds (readelf and a sysroot, for a binary ldd cannot run) finds
+/// what ldd finds, run on this machine's own binary and library directory.
+#[test]
+fn the_cross_build_library_lookup_finds_what_ldd_finds() {
+    let peat = support::peat_binary();
+    let names = |paths: Vec<std::path::PathBuf>| -> std::collections::BTreeSet<String> {
+        paths.iter().map(|p| p.file_name().unwrap().to_string_lossy().to_string()).collect()
+    };
+    let by_ldd = names(peat_testenv::image::shared_libraries(&peat).unwrap());
+    let cross =
+        peat_testenv::image::cross_shared_libraries(&peat, Path::new("/lib/x86_64-linux-gnu"), "lib/x86_64-linux-gnu")
+            .unwrap();
+    assert!(
+        cross.iter().any(|(in_image, _)| in_image == "lib64/ld-linux-x86-64.so.2"),
+        "the interpreter goes where the binary asks for it: {cross:?}"
+    );
+    assert_eq!(names(cross.into_iter().map(|(_, p)| p).collect()), by_ldd);
+}

@@ -68,18 +68,98 @@ pub fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>, TestEnvError> {
     Ok(libs)
 }
 
+/// The shared objects `binary` (of another architecture, which `ldd` cannot run) needs, found as
+/// the dynamic loader would: its ELF interpreter and, from `readelf -d`, each `NEEDED` library and
+/// theirs, searched in `lib_dir` (a cross sysroot's, e.g. `/usr/aarch64-linux-gnu/lib`). Returns
+/// (path in the image, file): the interpreter at the path the binary names, the libraries in
+/// `image_lib_dir` (Debian's multiarch directory, which the loader searches by default).
+pub fn cross_shared_libraries(
+    binary: &Path,
+    lib_dir: &Path,
+    image_lib_dir: &str,
+) -> Result<Vec<(String, PathBuf)>, TestEnvError> {
+    let readelf = |args: &[&str], file: &Path| -> Result<String, TestEnvError> {
+        let out = std::process::Command::new("readelf").args(args).arg(file).output().map_err(io("running readelf"))?;
+        if !out.status.success() {
+            return Err(TestEnvError::Build(format!(
+                "readelf {}: {}",
+                file.display(),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    // "[Requesting program interpreter: /lib/ld-linux-aarch64.so.1]"
+    let headers = readelf(&["-lW"], binary)?;
+    let Some(interp) = headers.split("program interpreter: ").nth(1).and_then(|r| r.split(']').next()) else {
+        return Ok(Vec::new()); // static
+    };
+    let interp_name = Path::new(interp).file_name().expect("a file name").to_string_lossy().to_string();
+    let mut found = vec![(interp.trim_start_matches('/').to_string(), lib_dir.join(&interp_name))];
+    let mut queue = vec![binary.to_path_buf()];
+    let mut seen = std::collections::BTreeSet::from([interp_name]);
+    while let Some(file) = queue.pop() {
+        // " 0x0000000000000001 (NEEDED)             Shared library: [libc.so.6]"
+        for line in readelf(&["-dW"], &file)?.lines().filter(|l| l.contains("(NEEDED)")) {
+            let Some(name) = line.split('[').nth(1).and_then(|r| r.split(']').next()) else { continue };
+            if !seen.insert(name.to_string()) {
+                continue;
+            }
+            let path = lib_dir.join(name);
+            if !path.exists() {
+                return Err(TestEnvError::Build(format!(
+                    "{name}, which {} needs, is not in {}",
+                    file.display(),
+                    lib_dir.display()
+                )));
+            }
+            found.push((format!("{}/{name}", image_lib_dir.trim_matches('/')), path.clone()));
+            queue.push(path);
+        }
+    }
+    if let Some((_, missing)) = found.iter().find(|(_, p)| !p.exists()) {
+        return Err(TestEnvError::Build(format!("the ELF interpreter {} is missing", missing.display())));
+    }
+    Ok(found)
+}
+
+/// Where a cross build for `arch` finds its target's libraries, and where they go in the image.
+fn cross_libraries(arch: &str) -> Result<(PathBuf, &'static str), TestEnvError> {
+    match arch {
+        "arm64" => Ok((PathBuf::from("/usr/aarch64-linux-gnu/lib"), "lib/aarch64-linux-gnu")),
+        other => Err(TestEnvError::Build(format!("no cross sysroot known for {other} (amd64 and arm64 are)"))),
+    }
+}
+
+/// This machine's architecture, GOARCH-style.
+fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
 fn sha256_hex(bytes: &[u8]) -> String {
     format!("{:x}", Sha256::digest(bytes))
 }
 
-/// Builds the image of `binary` into the OCI layout `out` (replaced), for `arch` (GOARCH-style).
+/// Builds the image of `binary` into the OCI layout `out` (replaced), for `arch` (GOARCH-style):
+/// the libraries are the ones `ldd` lists on this machine's architecture, and those of the cross
+/// sysroot (`readelf`) for another.
 pub fn build(binary: &Path, out: &Path, arch: &str, version: &str) -> Result<Image, TestEnvError> {
     let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
     put(&mut entries, BINARY_PATH, Entry::File { from: binary.to_path_buf(), mode: 0o755 });
     put(&mut entries, "usr/local/bin/kubectl-peat", Entry::Link("peat".into()));
-    for lib in shared_libraries(binary)? {
-        let rel = lib.strip_prefix("/").expect("absolute").display().to_string();
-        put(&mut entries, &rel, Entry::File { from: lib.clone(), mode: 0o755 });
+    let libraries = if arch == host_arch() {
+        let libs = shared_libraries(binary)?;
+        libs.into_iter().map(|l| (l.strip_prefix("/").expect("absolute").display().to_string(), l)).collect()
+    } else {
+        let (lib_dir, image_lib_dir) = cross_libraries(arch)?;
+        cross_shared_libraries(binary, &lib_dir, image_lib_dir)?
+    };
+    for (rel, lib) in libraries {
+        put(&mut entries, &rel, Entry::File { from: lib, mode: 0o755 });
     }
     let ca = Path::new("/").join(CA_BUNDLE);
     if !ca.exists() {

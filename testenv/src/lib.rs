@@ -13,6 +13,7 @@ pub mod demo;
 mod error;
 pub mod harness;
 pub mod image;
+pub mod netns;
 pub mod node;
 mod process;
 
@@ -47,8 +48,8 @@ pub struct Binaries {
     pub oras: PathBuf,
     /// Debian's docker-registry.
     pub registry: PathBuf,
-    /// What a real node runs ([`node::RealCluster`]).
-    pub node: node::NodeBinaries,
+    /// What a real node runs (`node::RealCluster`).
+    pub node: netns::NodeBinaries,
 }
 
 impl Binaries {
@@ -83,7 +84,7 @@ impl Binaries {
             helm: get("HELM")?,
             oras: get("ORAS")?,
             registry: get("REGISTRY")?,
-            node: node::NodeBinaries {
+            node: netns::NodeBinaries {
                 kube_scheduler: get("KUBE_SCHEDULER")?,
                 kubelet: get("KUBELET")?,
                 kube_proxy: get("KUBE_PROXY")?,
@@ -123,10 +124,10 @@ pub struct Options {
     pub controller_manager: bool,
     /// Install the peat CRDs and wait for them to be Established.
     pub install_crds: bool,
-    /// Run as the control plane of a real node ([`node::RealCluster`]): every process in the
+    /// Run as the control plane of a real node (`node::RealCluster`): every process in the
     /// node's network namespace, serving on the node IP, with the authorizers, admission plugins
     /// and controllers that pods need. The caller's thread must have entered that namespace.
-    pub cluster: Option<node::ClusterNetwork>,
+    pub cluster: Option<netns::ClusterNetwork>,
 }
 
 /// A running environment.
@@ -147,7 +148,7 @@ pub struct TestEnv {
     /// The processes, in start order.
     pub processes: Vec<ManagedProcess>,
     /// The cluster network it runs in, if any.
-    pub cluster: Option<node::ClusterNetwork>,
+    pub cluster: Option<netns::ClusterNetwork>,
     pki: certs::Pki,
 }
 
