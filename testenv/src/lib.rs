@@ -309,15 +309,7 @@ impl TestEnv {
     }
 
     fn not_ready(&mut self, name: &str, why: String) -> TestEnvError {
-        let log = self.dir.join("logs").join(format!("{name}.log"));
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(30).collect();
-        TestEnvError::NotReady {
-            name: name.into(),
-            why,
-            log: log.display().to_string(),
-            tail: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
-        }
+        not_ready(&self.dir, name, why)
     }
 
     fn exited(&mut self, name: &str) -> Option<String> {
@@ -415,8 +407,11 @@ impl TestEnv {
         let helm_link = helm_dir.join("helm");
         let _ = std::fs::remove_file(&helm_link);
         std::os::unix::fs::symlink(&self.binaries.helm, &helm_link).map_err(io("linking helm"))?;
+        let inside = self.cluster.as_ref().map_or(String::new(), |c| {
+            format!("# Its addresses exist only inside network namespace {0}: ip netns exec {0} bash\n", c.name())
+        });
         let env_sh = format!(
-            "# peat test environment (make env); source it: . {dir}/env.sh\n\
+            "# peat test environment (make env); source it: . {dir}/env.sh\n{inside}\
              export KUBECONFIG={kc}\n\
              export PEAT_REGISTRY={reg}\n\
              export PEAT_ENV_DIR={dir}\n\
@@ -471,6 +466,19 @@ impl Drop for TestEnv {
         if !self.processes.is_empty() {
             self.stop();
         }
+    }
+}
+
+/// `name` of the environment in `dir` did not get ready (`why`): with the end of its log.
+pub(crate) fn not_ready(dir: &Path, name: &str, why: String) -> TestEnvError {
+    let log = dir.join("logs").join(format!("{name}.log"));
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(40).collect();
+    TestEnvError::NotReady {
+        name: name.into(),
+        why,
+        log: log.display().to_string(),
+        tail: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
     }
 }
 

@@ -295,15 +295,7 @@ imageGCLowThresholdPercent: 99
     }
 
     fn failure(&mut self, name: &str, why: String) -> TestEnvError {
-        let log = self.env.dir.join("logs").join(format!("{name}.log"));
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(40).collect();
-        TestEnvError::NotReady {
-            name: name.into(),
-            why,
-            log: log.display().to_string(),
-            tail: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
-        }
+        crate::not_ready(&self.env.dir, name, why)
     }
 
     /// The first node process that exited, if any.
