@@ -5,7 +5,7 @@ CARGO ?= cargo
 PREFIX ?= $(HOME)/.cargo
 ENV_DIR := target/peat-env
 
-.PHONY: test lint unit integration crds crds-check env env-down install image testenv-bins toolchain demo bench bench-tools test-tools check-orphans
+.PHONY: test lint unit integration crds crds-check env env-down install image image-multiarch testenv-bins toolchain demo bench bench-tools test-tools check-orphans
 
 ## test: everything CI runs — lint, unit tests, CRD drift check, integration tests on the real environment
 test: lint testenv-bins test-tools
@@ -65,6 +65,13 @@ else ifeq ($(ARCH),arm64)
 else
 	@echo "make image: ARCH=amd64 or ARCH=arm64" >&2; exit 2
 endif
+
+## image-multiarch: linux/amd64 and linux/arm64 in one OCI image layout with an index (target/image/peat-multiarch); PUSH=host:port/peat:tag pushes both and the index (INSECURE=1 for plain HTTP)
+image-multiarch:
+	$(MAKE) --no-print-directory image ARCH=amd64
+	$(MAKE) --no-print-directory image ARCH=arm64
+	$(CARGO) run --quiet -p peat-testenv -- image-index --out target/image/peat-multiarch target/image/peat target/image/peat-arm64 \
+		$(if $(PUSH),--push $(PUSH)) $(if $(INSECURE),--insecure)
 
 # Builds (once per machine, cached in ~/.cache/peat-testenv) etcd, kube-apiserver,
 # kube-controller-manager, kubectl, kube-scheduler, kubelet, kube-proxy, helm, oras and the pause

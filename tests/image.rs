@@ -105,3 +105,62 @@ fn the_cross_build_library_lookup_finds_what_ldd_finds() {
     );
     assert_eq!(names(cross.into_iter().map(|(_, p)| p).collect()), by_ldd);
 }
+
+/// Single-platform layouts merge into one multi-platform layout whose index names each platform's
+/// manifest; pushed, the tag names that index and each platform's manifest is there by digest.
+#[test]
+fn platform_layouts_merge_into_one_index_that_pushes_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tool");
+    std::fs::write(&file, b"#!/bin/sh\n").unwrap();
+    let mut layouts = Vec::new();
+    let mut digests = Vec::new();
+    for arch in ["amd64", "arm64"] {
+        let out = dir.path().join(arch);
+        let img =
+            peat_testenv::image::build_static(&[("tool", &file)], &["/tool"], "0:0", &out, arch, "1.0.0").unwrap();
+        digests.push(img.manifest_digest);
+        layouts.push(out);
+    }
+    let merged = dir.path().join("multi");
+    peat_testenv::image::merge(&layouts, &merged).unwrap();
+    let index = json(&std::fs::read(merged.join("index.json")).unwrap());
+    let named: Vec<(String, String)> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["platform"]["architecture"].as_str().unwrap().into(), d["digest"].as_str().unwrap().into()))
+        .collect();
+    assert_eq!(named, vec![("amd64".into(), digests[0].clone()), ("arm64".into(), digests[1].clone())]);
+    for (_, digest) in &named {
+        let manifest = json(&blob(&merged, digest));
+        blob(&merged, manifest["config"]["digest"].as_str().unwrap());
+        blob(&merged, manifest["layers"][0]["digest"].as_str().unwrap());
+    }
+    assert!(peat_testenv::image::merge(&[layouts[0].clone(), layouts[0].clone()], &dir.path().join("twice")).is_err());
+
+    let env = support::env();
+    let reference = format!("{}/tool:1.0.0", env.registry);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let pushed = rt.block_on(peat_testenv::image::push(&merged, &reference, true)).expect("pushing the index");
+    let access = peat::oci::RegistryAccess { insecure: true, ..Default::default() };
+    let client = access.client();
+    let r: oci_client::Reference = reference.parse().unwrap();
+    let (raw, digest) = rt
+        .block_on(client.pull_manifest_raw(&r, &access.auth, &["application/vnd.oci.image.index.v1+json"]))
+        .expect("reading the index back");
+    assert_eq!(digest, pushed);
+    let remote = json(&raw);
+    assert_eq!(remote["manifests"].as_array().unwrap().len(), 2);
+    for (_, d) in &named {
+        let by_digest: oci_client::Reference = format!("{}/tool@{d}", env.registry).parse().unwrap();
+        let (_, got) = rt
+            .block_on(client.pull_manifest_raw(
+                &by_digest,
+                &access.auth,
+                &["application/vnd.oci.image.manifest.v1+json"],
+            ))
+            .expect("each platform's manifest by digest");
+        assert_eq!(&got, d);
+    }
+}

@@ -297,20 +297,72 @@ fn write_layout(
     })
 }
 
+/// Merges single-platform layouts (`make image`, `make image ARCH=arm64`) into the multi-platform
+/// layout `out` (replaced): every blob, and one index naming each manifest with its platform.
+pub fn merge(layouts: &[PathBuf], out: &Path) -> Result<Vec<serde_json::Value>, TestEnvError> {
+    let _ = std::fs::remove_dir_all(out);
+    let blobs = out.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).map_err(io("creating the layout"))?;
+    let mut manifests = Vec::new();
+    for layout in layouts {
+        for (digest, desc) in index_manifests(layout)? {
+            if manifests.iter().any(|m: &serde_json::Value| m["platform"] == desc["platform"]) {
+                return Err(TestEnvError::Build(format!("two layouts are for {}", desc["platform"])));
+            }
+            let manifest = read_blob(layout, &digest)?;
+            let referenced: serde_json::Value = serde_json::from_slice(&manifest)
+                .map_err(|e| TestEnvError::Build(format!("manifest {digest}: {e}")))?;
+            let mut digests = vec![digest.clone()];
+            digests.extend(referenced["config"]["digest"].as_str().map(String::from));
+            for l in referenced["layers"].as_array().into_iter().flatten() {
+                digests.extend(l["digest"].as_str().map(String::from));
+            }
+            for d in digests {
+                let hex = d.trim_start_matches("sha256:");
+                std::fs::copy(layout.join("blobs/sha256").join(hex), blobs.join(hex))
+                    .map_err(io(format!("copying blob {d}")))?;
+            }
+            manifests.push(desc);
+        }
+    }
+    let index = json!({"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE, "manifests": manifests});
+    std::fs::write(out.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io("writing oci-layout"))?;
+    std::fs::write(out.join("index.json"), serde_json::to_vec_pretty(&index).expect("json"))
+        .map_err(io("writing index.json"))?;
+    Ok(manifests)
+}
+
+const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+const INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
+
+fn read_blob(layout: &Path, digest: &str) -> Result<Vec<u8>, TestEnvError> {
+    let path = layout.join("blobs/sha256").join(digest.trim_start_matches("sha256:"));
+    std::fs::read(&path).map_err(io(format!("reading {}", path.display())))
+}
+
+/// The manifests a layout's index.json names: (digest, descriptor).
+fn index_manifests(layout: &Path) -> Result<Vec<(String, serde_json::Value)>, TestEnvError> {
+    let path = layout.join("index.json");
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).map_err(io(format!("reading {}", path.display())))?)
+            .map_err(|e| TestEnvError::Build(format!("{}: {e}", path.display())))?;
+    let manifests: Vec<_> = index["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| Some((d["digest"].as_str()?.to_string(), d.clone())))
+        .collect();
+    if manifests.is_empty() {
+        return Err(TestEnvError::Build(format!("{} names no manifest", path.display())));
+    }
+    Ok(manifests)
+}
+
 /// Pushes the image of the layout `layout` to `reference` (`host[:port]/repository:tag`; plain HTTP
-/// when `insecure`): its blobs, then its manifest. Returns the manifest digest.
+/// when `insecure`): each manifest's blobs, then the manifest — under the tag for a single-platform
+/// layout; by digest, followed by an image index under the tag, for a multi-platform one. Returns
+/// the digest the tag names.
 pub async fn push(layout: &Path, reference: &str, insecure: bool) -> Result<String, TestEnvError> {
-    let read = |rel: String| std::fs::read(layout.join(&rel)).map_err(io(format!("reading {rel}")));
-    let blob = |digest: &str| read(format!("blobs/sha256/{}", digest.trim_start_matches("sha256:")));
-    let index: serde_json::Value = serde_json::from_slice(&read("index.json".into())?)
-        .map_err(|e| TestEnvError::Build(format!("index.json: {e}")))?;
-    let digest = index["manifests"][0]["digest"]
-        .as_str()
-        .ok_or_else(|| TestEnvError::Build("index.json names no manifest".into()))?
-        .to_string();
-    let manifest_bytes = blob(&digest)?;
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&manifest_bytes).map_err(|e| TestEnvError::Build(format!("manifest: {e}")))?;
     let registry_error =
         |e: oci_client::errors::OciDistributionError| TestEnvError::Build(format!("pushing to {reference}: {e}"));
     let r: oci_client::Reference =
@@ -319,11 +371,35 @@ pub async fn push(layout: &Path, reference: &str, insecure: bool) -> Result<Stri
     let client = access.try_client().map_err(|e| TestEnvError::Build(e.to_string()))?;
     let auth = oci_client::secrets::RegistryAuth::Anonymous;
     client.auth(&r, &auth, oci_client::RegistryOperation::Push).await.map_err(registry_error)?;
-    let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
-    for d in std::iter::once(&manifest["config"]).chain(layers.iter()).filter_map(|d| d["digest"].as_str()) {
-        client.push_blob(&r, blob(d)?, d).await.map_err(registry_error)?;
+    let manifests = index_manifests(layout)?;
+    let single = manifests.len() == 1;
+    for (digest, _) in &manifests {
+        let manifest_bytes = read_blob(layout, digest)?;
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&manifest_bytes).map_err(|e| TestEnvError::Build(format!("manifest: {e}")))?;
+        let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
+        for d in std::iter::once(&manifest["config"]).chain(layers.iter()).filter_map(|d| d["digest"].as_str()) {
+            client.push_blob(&r, read_blob(layout, d)?, d).await.map_err(registry_error)?;
+        }
+        let target = if single {
+            r.clone()
+        } else {
+            oci_client::Reference::with_digest(r.registry().into(), r.repository().into(), digest.clone())
+        };
+        let media_type = http::HeaderValue::from_static(MANIFEST_MEDIA_TYPE);
+        client.push_manifest_raw(&target, manifest_bytes, media_type).await.map_err(registry_error)?;
     }
-    let media_type = http::HeaderValue::from_static("application/vnd.oci.image.manifest.v1+json");
-    client.push_manifest_raw(&r, manifest_bytes, media_type).await.map_err(registry_error)?;
+    if single {
+        return Ok(manifests[0].0.clone());
+    }
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": INDEX_MEDIA_TYPE,
+        "manifests": manifests.iter().map(|(_, d)| d).collect::<Vec<_>>(),
+    }))
+    .expect("json");
+    let digest = format!("sha256:{}", sha256_hex(&index));
+    let media_type = http::HeaderValue::from_static(INDEX_MEDIA_TYPE);
+    client.push_manifest_raw(&r, index, media_type).await.map_err(registry_error)?;
     Ok(digest)
 }

@@ -58,6 +58,22 @@ enum Cmd {
         #[arg(long)]
         insecure: bool,
     },
+    /// One multi-platform image layout from single-platform ones (`make image-multiarch`).
+    ImageIndex {
+        /// The OCI image layout directory to write (replaced).
+        #[arg(long, default_value = "target/image/peat-multiarch")]
+        out: PathBuf,
+        /// The single-platform layouts (`make image`, `make image ARCH=arm64`).
+        #[arg(required = true)]
+        layouts: Vec<PathBuf>,
+        /// Also push it to this reference (`host:port/repository:tag`): each platform's image by
+        /// digest, the index under the tag.
+        #[arg(long)]
+        push: Option<String>,
+        /// Push over plain HTTP (a local registry without TLS).
+        #[arg(long)]
+        insecure: bool,
+    },
     /// The end-to-end demo (`make demo`) on a private environment it starts and tears down.
     Demo {
         /// Work directory (replaced at start; its logs/ stays afterwards).
@@ -117,6 +133,28 @@ async fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Cmd::ImageIndex { out, layouts, push, insecure } => {
+            let merged = match peat_testenv::image::merge(&layouts, &out) {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("peat-testenv image-index: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let platforms: Vec<String> =
+                merged.iter().map(|d| format!("{}/{}", d["platform"]["os"], d["platform"]["architecture"])).collect();
+            println!("wrote {} ({})", out.display(), platforms.join(", ").replace('"', ""));
+            if let Some(to) = push {
+                match peat_testenv::image::push(&out, &to, insecure).await {
+                    Ok(digest) => println!("pushed {to} ({digest}: an index of {} platforms)", merged.len()),
+                    Err(e) => {
+                        eprintln!("peat-testenv image-index: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            ExitCode::SUCCESS
         }
         Cmd::Status => {
             let alive = peat_testenv::detached_status(&dir);
