@@ -75,6 +75,10 @@ fn default_values_render_controller_agent_rbac_and_metrics() {
     assert!(args.contains(&"controller") && args.contains(&"--leader-elect=true"), "{args:?}");
     assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
     assert_eq!(controller["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"], true);
+    let spread = &controller["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+        [0]["podAffinityTerm"];
+    assert_eq!(spread["topologyKey"], "kubernetes.io/hostname", "replicas spread over nodes by default");
+    assert_eq!(spread["labelSelector"]["matchLabels"]["app.kubernetes.io/component"], "controller");
 
     let agent = find(&objs, "DaemonSet", "peat-peat-operator-agent").expect("the agent DaemonSet");
     let spec = &agent["spec"]["template"]["spec"];
@@ -110,6 +114,14 @@ fn values_files_change_what_they_say() {
     let args = agent["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
     assert!(args.contains("--max-bandwidth=10Mi") && args.contains("--storage-capacity=20Gi"), "{args}");
     assert_eq!(agent["spec"]["template"]["spec"]["nodeSelector"]["peat.dev/formation"], "alpha");
+
+    // An affinity of one's own replaces the default spreading.
+    let objs = render_set(&[
+        "controller.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].key=tier",
+    ]);
+    let affinity =
+        &find(&objs, "Deployment", "peat-peat-operator-controller").unwrap()["spec"]["template"]["spec"]["affinity"];
+    assert!(affinity.get("podAntiAffinity").is_none() && affinity.get("nodeAffinity").is_some(), "{affinity}");
 
     let objs = render(&["charts/peat-operator/ci/monitoring-values.yaml"]);
     let sm = objs.iter().find(|o| o["kind"] == "ServiceMonitor").expect("a ServiceMonitor when enabled");
