@@ -254,11 +254,8 @@ async fn up_node(binaries: Binaries, dir: &std::path::Path, peat_image: Option<P
         Ok((cluster, pushed)) => {
             let ns = cluster.net.name().to_string();
             println!(
-                "real node {} Ready in {:.0?}: API server {}, registry {} — inside network namespace {ns} only.
-                 Use it from a shell in the namespace:
-  ip netns exec {ns} bash
-  . {}/env.sh
-  kubectl get nodes",
+                "real node {} Ready in {:.0?}: API server {}, registry {} — inside network namespace {ns} only.\n\
+                 Use it from a shell in the namespace:\n  ip netns exec {ns} bash\n  . {}/env.sh\n  kubectl get nodes",
                 cluster.net.node_name,
                 started.elapsed(),
                 cluster.env.apiserver_url,

@@ -420,8 +420,15 @@ impl Drop for RealCluster {
 
 /// Stops a detached environment with a real node (`make env-down`): the node, then the rest.
 pub fn stop_detached(dir: &Path) -> Vec<String> {
+    let mut stopped = Vec::new();
     if let Ok(name) = std::fs::read_to_string(dir.join("node")) {
-        teardown(name.trim(), Some(dir));
+        let name = name.trim();
+        if Path::new("/run/netns").join(name).exists() {
+            // Every process in the namespace (the control plane too), the pods, mounts, cgroups.
+            teardown(name, Some(dir));
+            stopped.push(format!("the real node in network namespace {name} with its pods and control plane"));
+        }
     }
-    crate::stop_detached(dir)
+    stopped.extend(crate::stop_detached(dir));
+    stopped
 }
