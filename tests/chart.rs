@@ -86,8 +86,25 @@ fn default_values_render_controller_agent_rbac_and_metrics() {
     assert_eq!(spec["tolerations"][0]["operator"], "Exists", "runs on tainted edge nodes too");
     let a = &spec["containers"][0];
     assert_eq!(a["env"][0]["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+    // The CSI driver (default): privileged, the kubelet's directory shared both ways, a CSIDriver.
+    assert_eq!(a["securityContext"]["privileged"], true);
+    assert!(a["args"].as_array().unwrap().contains(&"--csi-kubelet-dir=/var/lib/kubelet".into()), "{a}");
+    let kubelet =
+        a["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "kubelet").expect("the kubelet dir");
+    assert_eq!(kubelet["mountPropagation"], "Bidirectional");
+    assert_eq!(kubelet["mountPath"], "/var/lib/kubelet");
+    let driver = find(&objs, "CSIDriver", "models.peat.dev").expect("the CSIDriver");
+    assert_eq!(driver["spec"]["volumeLifecycleModes"][0], "Ephemeral");
+    assert_eq!(driver["spec"]["podInfoOnMount"], true);
+    assert_eq!(driver["spec"]["attachRequired"], false);
+    // Without it, no privilege at all.
+    let objs_no_csi = render_set(&["agent.csi.enabled=false"]);
+    let a = &find(&objs_no_csi, "DaemonSet", "peat-peat-operator-agent").unwrap()["spec"]["template"]["spec"]["containers"]
+        [0];
     assert_eq!(a["securityContext"]["capabilities"]["drop"][0], "ALL");
     assert_eq!(a["securityContext"]["allowPrivilegeEscalation"], false);
+    assert!(a["securityContext"].get("privileged").is_none() && !a["args"].to_string().contains("csi"));
+    assert!(find(&objs_no_csi, "CSIDriver", "models.peat.dev").is_none());
 
     // Least privilege: the agent may not create or delete deployments, nor touch rollouts.
     let role = find(&objs, "ClusterRole", "peat-peat-operator-agent").unwrap();

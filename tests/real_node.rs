@@ -211,6 +211,33 @@ impl Run {
         leading
     }
 
+    /// A pod (restricted-compliant: non-root, read-only root, no capabilities) that mounts the
+    /// model with the CSI driver at /model and runs `script`.
+    fn csi_pod(&self, pod: &str, namespace: &str, script: &str, restart: &str) {
+        self.apply(&serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": pod, "namespace": namespace},
+            "spec": {
+                "restartPolicy": restart,
+                "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+                "containers": [{
+                    "name": "inference",
+                    "image": self.cluster.busybox_image,
+                    "command": ["/bin/busybox", "sh", "-c", script],
+                    "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}},
+                    "volumeMounts": [{"name": "model", "mountPath": "/model", "readOnly": true}],
+                }],
+                "volumes": [{"name": "model", "csi": {"driver": "models.peat.dev", "readOnly": true, "volumeAttributes": {"model": MODEL}}}],
+            },
+        }));
+    }
+
+    async fn pod_phase(&self, namespace: &str, pod: &str) -> Option<String> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        pods.get(pod).await.ok()?.status?.phase
+    }
+
     async fn leader(&self) -> Option<String> {
         let leases: Api<Lease> = Api::namespaced(self.client.clone(), NS);
         leases.get("peat-controller").await.ok()?.spec?.holder_identity
@@ -308,6 +335,8 @@ async fn end_to_end(run: &mut Run) {
         "image.tag=test",
         "--set",
         &format!("agent.store={store}"),
+        "--set",
+        &format!("agent.kubeletDir={}", run.cluster.env.dir.join("kubelet").display()),
     ]);
     let name = format!("{RELEASE}-peat-operator");
     run.deployment_ready(&format!("{name}-controller"), 2).await;
@@ -329,8 +358,25 @@ async fn end_to_end(run: &mut Run) {
     let leading_again = run.controllers_leading().await;
     assert_eq!(leading_again, leading, "no second controller pod started leading");
 
-    // 2. A model to the node.
+    // 2. A model to the node; a pod that mounts it with the CSI driver waits for it, saying why.
     let v1 = model_files(1, 7);
+    let check: String = v1.iter().map(|(f, b)| format!("{:x}  /model/current/{f}\\n", Sha256::digest(b))).collect();
+    run.csi_pod("csi-waits", "default", &format!("printf '{check}' | /bin/busybox sha256sum -c -"), "Never");
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(run.client.clone(), "default");
+    let why = eventually("a FailedMount Event saying the model is not on the node", || async {
+        let lp = kube::api::ListParams::default().fields("involvedObject.name=csi-waits");
+        events
+            .list(&lp)
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .filter_map(|e| e.message)
+            .find(|m| m.contains("is not active on node"))
+    })
+    .await;
+    assert_eq!(run.pod_phase("default", "csi-waits").await.as_deref(), Some("Pending"), "it waits: {why}");
+    run.step("a pod with the CSI volume waits while the model is absent");
     push(&registry, MODEL, "1.0.0", &v1).await;
     let before = run.registry_blob_bytes();
     run.rollout(MODEL, MODEL, "1.0.0");
@@ -344,6 +390,29 @@ async fn end_to_end(run: &mut Run) {
     // 3. Used from a pod.
     run.inference_pod_reads("infer-v1", "1.0.0", &v1).await;
     run.step("an inference pod read 1.0.0 through the mount");
+    let phase = eventually("the waiting CSI pod to run once the model is there", || async {
+        run.pod_phase("default", "csi-waits").await.filter(|p| p == "Succeeded" || p == "Failed")
+    })
+    .await;
+    let logs = run.kubectl(&["logs", "-n", "default", "csi-waits"]);
+    assert_eq!(phase, "Succeeded", "the CSI volume holds the model's bytes: {logs}");
+    // Under Pod Security `restricted` (no hostPath allowed): a pod that keeps reading the model.
+    run.apply(&serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "restricted",
+        "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}}));
+    run.csi_pod(
+        "reader",
+        "restricted",
+        "while true; do /bin/busybox sha256sum /model/current/model.onnx; /bin/busybox sleep 1; done",
+        "Always",
+    );
+    let v1_hex = format!("{:x}", Sha256::digest(&v1[0].1));
+    eventually("the restricted pod to read 1.0.0 through the CSI volume", || async {
+        let mut cmd = run.cluster.command(&run.cluster.env.binaries.kubectl);
+        cmd.args(["logs", "-n", "restricted", "reader", "--tail=1"]);
+        output(cmd, None).1.contains(&v1_hex).then_some(())
+    })
+    .await;
+    run.step("the CSI pod started once the model was active and read it; so does a pod under Pod Security restricted");
 
     // 4. Upgrade by delta, roll back without bytes.
     let v2 = model_files(2, 7);
@@ -359,6 +428,13 @@ async fn end_to_end(run: &mut Run) {
         v2[0].1.len()
     );
     run.inference_pod_reads("infer-v2", "2.0.0", &v2).await;
+    let v2_hex = format!("{:x}", Sha256::digest(&v2[0].1));
+    eventually("the running CSI pod to see 2.0.0 after the upgrade", || async {
+        let mut cmd = run.cluster.command(&run.cluster.env.binaries.kubectl);
+        cmd.args(["logs", "-n", "restricted", "reader", "--tail=1"]);
+        output(cmd, None).1.contains(&v2_hex).then_some(())
+    })
+    .await;
     run.step(&format!("upgraded to 2.0.0 by delta: {upgrade_bytes} blob bytes for an 8 MiB file; a pod read it"));
     let before = run.registry_blob_bytes();
     run.kubectl(&["patch", "mr", MODEL, "-n", "default", "--type=merge", "-p", r#"{"spec":{"version":"1.0.0"}}"#]);
@@ -432,6 +508,8 @@ async fn end_to_end(run: &mut Run) {
     let problems = run.pod_log_problems();
     assert!(problems.is_empty(), "the pods logged errors or a lost lease on the happy path:\n{}", problems.join("\n"));
 
+    run.kubectl(&["delete", "pod", "-n", "restricted", "reader", "--timeout=120s"]);
+    run.kubectl(&["delete", "pod", "-n", "default", "csi-waits", "--timeout=120s"]);
     run.kubectl(&["delete", "modelrollouts", "--all", "-A", "--timeout=120s"]);
     run.helm(&["uninstall", RELEASE, "-n", NS, "--wait", "--timeout=120s"]);
     eventually("every pod of the release to go", || async {

@@ -10,6 +10,7 @@
 mod act;
 pub mod capabilities;
 mod context;
+pub mod csi;
 pub mod decide;
 pub mod metrics;
 mod node;
@@ -97,6 +98,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }
         })
     };
+    let csi = opts.csi_kubelet_dir.clone().map(|dir| {
+        let (agent, shutdown) = (agent.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = csi::serve(agent, &dir, shutdown).await {
+                warn!(error = %e, "the CSI driver stopped");
+            }
+        })
+    });
     cache.wait_until_ready().await?;
     ready.store(true, Ordering::Release);
     info!("initial list complete: ready");
@@ -107,6 +116,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     watch.abort();
     heartbeat.abort();
     annotations.abort();
+    if let Some(csi) = csi {
+        // It ends on the shutdown signal, removing its socket (the kubelet then deregisters it).
+        let _ = csi.await;
+    }
     let _ = admin_task.await;
     result
 }

@@ -43,6 +43,11 @@ pub struct Options {
     /// Most bytes the store may occupy on its filesystem (`20Gi`); reported as the node's storage.
     #[arg(long, value_parser = parse_quantity)]
     pub storage_capacity: Option<u64>,
+    /// The kubelet's root directory (`/var/lib/kubelet`): serve the CSI driver `models.peat.dev`
+    /// there (registered through its `plugins_registry/`), so pods mount models as CSI volumes.
+    /// Without it, no driver.
+    #[arg(long, env = "PEAT_CSI_KUBELET_DIR")]
+    pub csi_kubelet_dir: Option<PathBuf>,
     /// Capability overrides.
     #[command(flatten)]
     pub capabilities: Overrides,

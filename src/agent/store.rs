@@ -185,7 +185,8 @@ impl Store {
         Ok(())
     }
 
-    fn model_dir(&self, model: &str) -> PathBuf {
+    /// The directory of `model`: its versions and the `current` link.
+    pub fn model_dir(&self, model: &str) -> PathBuf {
         self.root.join("models").join(model)
     }
 
