@@ -13,12 +13,19 @@ COPY tests ./tests
 COPY testenv ./testenv
 RUN cargo build --release --locked --bin peat
 
+# The CSI driver's registrar (registrar/, Go): registers the agent's CSI socket with the kubelet.
+FROM golang:1.26-bookworm AS registrar
+WORKDIR /src
+COPY registrar ./
+RUN CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o /peat-csi-registrar .
+
 FROM debian:bookworm-slim
 # CA certificates for HTTPS registries; nothing else: the agent needs no shell.
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/peat /usr/local/bin/peat
 RUN ln -s peat /usr/local/bin/kubectl-peat
+COPY --from=registrar /peat-csi-registrar /usr/local/bin/peat-csi-registrar
 # Non-root by default; the agent's chart sets the user that owns its hostPath store.
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/peat"]

@@ -31,7 +31,8 @@ fn the_image_layout_is_well_formed_reproducible_and_runs_in_a_chroot() {
     let strip = std::process::Command::new("strip").arg("--strip-debug").arg(&peat).status().expect("running strip");
     assert!(strip.success());
     let layout = dir.path().join("layout");
-    let img = peat_testenv::image::build(&peat, &layout, "amd64", "0.0.0-test").expect("building the image");
+    let img = peat_testenv::image::build(&peat, &support::registrar_binary(), &layout, "amd64", "0.0.0-test")
+        .expect("building the image");
 
     let index = json(&std::fs::read(layout.join("index.json")).unwrap());
     assert_eq!(json(&std::fs::read(layout.join("oci-layout")).unwrap())["imageLayoutVersion"], "1.0.0");
@@ -53,7 +54,14 @@ fn the_image_layout_is_well_formed_reproducible_and_runs_in_a_chroot() {
     assert_eq!(config["rootfs"]["diff_ids"][0], format!("sha256:{:x}", Sha256::digest(&tar)));
 
     // The same binary gives the same image.
-    let again = peat_testenv::image::build(&peat, &dir.path().join("again"), "amd64", "0.0.0-test").unwrap();
+    let again = peat_testenv::image::build(
+        &peat,
+        &support::registrar_binary(),
+        &dir.path().join("again"),
+        "amd64",
+        "0.0.0-test",
+    )
+    .unwrap();
     assert_eq!(again.manifest_digest, img.manifest_digest, "the image is reproducible");
 
     // The layer is a root filesystem peat runs in, with nothing from the host: its libraries, its

@@ -5,7 +5,9 @@
 //!    ModelNode published from its pod;
 //! 2. `peat push`, a ModelRollout, the agent pod pulls into its hostPath store, Converged;
 //! 3. an inference pod (busybox, non-root, read-only) scheduled by `models.peat.dev/<model>` reads
-//!    the files through the documented mount and checks their digests;
+//!    the files through the documented hostPath mount and checks their digests; a pod with the CSI
+//!    volume waits (FailedMount, saying why) until the model is active, then reads it; a pod under
+//!    Pod Security `restricted` reads it through the CSI volume and sees the upgrade switch it;
 //! 4. an upgrade by delta and a rollback, each read by a new inference pod;
 //! 5. the leader controller pod killed: the other replica takes the Lease, a new rollout converges;
 //! 6. `helm upgrade` with changed values, then the documented uninstall;
@@ -160,26 +162,12 @@ impl Run {
             "cd /models/{MODEL}/current && /bin/busybox sha256sum {names} && printf '{check}' | /bin/busybox sha256sum -c -",
             names = files.iter().map(|(f, _)| *f).collect::<Vec<_>>().join(" "),
         );
-        self.apply(&serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": pod, "namespace": "default"},
-            "spec": {
-                "restartPolicy": "Never",
-                "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-                    {"matchExpressions": [{"key": format!("models.peat.dev/{MODEL}"), "operator": "In", "values": [version]}]},
-                ]}}},
-                "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
-                "containers": [{
-                    "name": "inference",
-                    "image": self.cluster.busybox_image,
-                    "command": ["/bin/busybox", "sh", "-c", script],
-                    "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}},
-                    "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": true}],
-                }],
-                "volumes": [{"name": "models", "hostPath": {"path": self.store.join("models"), "type": "Directory"}}],
-            },
-        }));
+        // Scheduled by the label, reading the documented hostPath mount of the store.
+        let affinity = serde_json::json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": format!("models.peat.dev/{MODEL}"), "operator": "In", "values": [version]}]},
+        ]}}});
+        let volume = serde_json::json!({"hostPath": {"path": self.store.join("models"), "type": "Directory"}});
+        self.reader_pod(pod, "default", &script, "Never", ("/models", volume), Some(affinity));
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), "default");
         let phase = eventually(&format!("pod {pod} to finish"), || async {
             let p = pods.get(pod).await.ok()?;
@@ -211,26 +199,45 @@ impl Run {
         leading
     }
 
-    /// A pod (restricted-compliant: non-root, read-only root, no capabilities) that mounts the
-    /// model with the CSI driver at /model and runs `script`.
-    fn csi_pod(&self, pod: &str, namespace: &str, script: &str, restart: &str) {
+    /// A busybox pod (restricted-compliant: non-root, read-only root, no capabilities) that mounts
+    /// `volume` read-only at its path and runs `script`.
+    fn reader_pod(
+        &self,
+        pod: &str,
+        namespace: &str,
+        script: &str,
+        restart: &str,
+        (path, volume): (&str, serde_json::Value),
+        affinity: Option<serde_json::Value>,
+    ) {
+        let mut volume = volume;
+        volume["name"] = "model".into();
         self.apply(&serde_json::json!({
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {"name": pod, "namespace": namespace},
             "spec": {
                 "restartPolicy": restart,
+                // busybox sh ignores SIGTERM: do not wait 30 s for it at deletion.
+                "terminationGracePeriodSeconds": 1,
+                "affinity": affinity,
                 "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
                 "containers": [{
                     "name": "inference",
                     "image": self.cluster.busybox_image,
                     "command": ["/bin/busybox", "sh", "-c", script],
                     "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}},
-                    "volumeMounts": [{"name": "model", "mountPath": "/model", "readOnly": true}],
+                    "volumeMounts": [{"name": "model", "mountPath": path, "readOnly": true}],
                 }],
-                "volumes": [{"name": "model", "csi": {"driver": "models.peat.dev", "readOnly": true, "volumeAttributes": {"model": MODEL}}}],
+                "volumes": [volume],
             },
         }));
+    }
+
+    /// A [`Run::reader_pod`] with the model mounted by the CSI driver at /model.
+    fn csi_pod(&self, pod: &str, namespace: &str, script: &str, restart: &str) {
+        let volume = serde_json::json!({"csi": {"driver": "models.peat.dev", "readOnly": true, "volumeAttributes": {"model": MODEL}}});
+        self.reader_pod(pod, namespace, script, restart, ("/model", volume), None);
     }
 
     async fn pod_phase(&self, namespace: &str, pod: &str) -> Option<String> {
@@ -314,7 +321,8 @@ async fn end_to_end(run: &mut Run) {
     // The debug build without its debug info stands in for the release one (same libraries).
     let strip = Command::new("strip").arg("--strip-debug").arg(&peat).status().expect("running strip");
     assert!(strip.success());
-    let img = peat_testenv::image::build(&peat, &image_dir, "amd64", "test").expect("building the peat image");
+    let img = peat_testenv::image::build(&peat, &support::registrar_binary(), &image_dir, "amd64", "test")
+        .expect("building the peat image");
     peat_testenv::image::push(&image_dir, &format!("{registry}/peat:test"), true)
         .await
         .expect("pushing the peat image");

@@ -9,10 +9,10 @@
 //! active on its node yet waits in ContainerCreating: the publish fails with a message the kubelet
 //! shows as a `FailedMount` Event, and it retries.
 //!
-//! The agent registers the driver with the kubelet itself (no node-driver-registrar): it serves the
-//! kubelet's plugin registration, CSI Identity and CSI Node on one unix socket in
-//! `<kubelet dir>/plugins_registry/`, which the kubelet watches. The kubelet calls only the Node
-//! RPCs (no staging: NodeGetCapabilities says none).
+//! The agent serves CSI Identity and Node on `<kubelet dir>/plugins/models.peat.dev/csi.sock`; the
+//! chart's `peat-csi-registrar` sidecar (`registrar/`, Go) registers that socket with the kubelet
+//! (the kubelet's plugin watcher sends an HTTP/2 `:authority` that tonic's h2 refuses; its CSI
+//! client does not). The kubelet calls only the Node RPCs (no staging: NodeGetCapabilities says none).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use tracing::{info, warn};
+use tracing::info;
 
 use super::context::Agent;
 use super::store::is_safe_component;
@@ -32,24 +32,20 @@ pub mod proto {
     pub mod csi {
         tonic::include_proto!("csi.v1");
     }
-    /// The kubelet's plugin registration.
-    pub mod registration {
-        tonic::include_proto!("pluginregistration");
-    }
 }
 
 use proto::csi::identity_server::{Identity, IdentityServer};
 use proto::csi::node_server::{Node, NodeServer};
 use proto::csi::*;
-use proto::registration::registration_server::{Registration, RegistrationServer};
-use proto::registration::{InfoRequest, PluginInfo, RegistrationStatus, RegistrationStatusResponse};
 
 /// The driver's name (the `CSIDriver` object's, and `csi.driver` in pods).
 pub const DRIVER: &str = "models.peat.dev";
 /// The volume attribute naming the model.
 pub const MODEL_ATTRIBUTE: &str = "model";
-/// The socket's name in the kubelet's plugin registration directory.
-const SOCKET: &str = "models.peat.dev-reg.sock";
+/// The driver's socket, under the kubelet's directory (where the registrar says it is).
+fn socket(kubelet_dir: &Path) -> PathBuf {
+    kubelet_dir.join("plugins").join(DRIVER).join("csi.sock")
+}
 
 /// The driver's services, for one node.
 #[derive(Clone)]
@@ -254,46 +250,19 @@ impl Identity for Driver {
     }
 }
 
-#[tonic::async_trait]
-impl Registration for Driver {
-    async fn get_info(&self, _: Request<InfoRequest>) -> Result<Response<PluginInfo>, Status> {
-        Ok(Response::new(PluginInfo {
-            r#type: "CSIPlugin".into(),
-            name: DRIVER.into(),
-            // Empty: the kubelet calls CSI on this same socket.
-            endpoint: String::new(),
-            supported_versions: vec!["1.0.0".into()],
-        }))
-    }
-
-    async fn notify_registration_status(
-        &self,
-        request: Request<RegistrationStatus>,
-    ) -> Result<Response<RegistrationStatusResponse>, Status> {
-        let status = request.into_inner();
-        if status.plugin_registered {
-            info!(driver = DRIVER, "registered with the kubelet");
-        } else {
-            warn!(driver = DRIVER, error = %status.error, "the kubelet refused the registration");
-        }
-        Ok(Response::new(RegistrationStatusResponse {}))
-    }
-}
-
-/// Serves the driver on `<kubelet_dir>/plugins_registry/models.peat.dev-reg.sock` until
-/// `shutdown`, then removes the socket (which deregisters it).
+/// Serves the driver on `<kubelet_dir>/plugins/models.peat.dev/csi.sock` until `shutdown`, then
+/// removes the socket.
 pub(crate) async fn serve(agent: Arc<Agent>, kubelet_dir: &Path, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let dir = kubelet_dir.join("plugins_registry");
-    std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
-    let socket = dir.join(SOCKET);
-    // A socket of an earlier run: the kubelet re-registers us when it appears again.
+    let socket = socket(kubelet_dir);
+    let dir = socket.parent().expect("a socket in a directory");
+    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+    // A socket of an earlier run.
     let _ = std::fs::remove_file(&socket);
     let listener = tokio::net::UnixListener::bind(&socket)
         .map_err(|e| anyhow::anyhow!("listening on {}: {e}", socket.display()))?;
     info!(socket = %socket.display(), driver = DRIVER, "serving the CSI driver");
     let driver = Driver { agent };
     let result = tonic::transport::Server::builder()
-        .add_service(RegistrationServer::new(driver.clone()))
         .add_service(IdentityServer::new(driver.clone()))
         .add_service(NodeServer::new(driver))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), shutdown.cancelled())

@@ -16,6 +16,8 @@ use crate::error::{TestEnvError, io};
 
 /// Where the peat binary lives in the image.
 pub const BINARY_PATH: &str = "usr/local/bin/peat";
+/// Where the CSI driver's registrar (`registrar/`, a static Go binary) lives in the image.
+pub const REGISTRAR_PATH: &str = "usr/local/bin/peat-csi-registrar";
 /// The system CA bundle, for HTTPS registries.
 pub const CA_BUNDLE: &str = "etc/ssl/certs/ca-certificates.crt";
 /// The image's user (non-root; the chart sets the agent's).
@@ -144,13 +146,14 @@ fn sha256_hex(bytes: &[u8]) -> String {
     format!("{:x}", Sha256::digest(bytes))
 }
 
-/// Builds the image of `binary` into the OCI layout `out` (replaced), for `arch` (GOARCH-style):
+/// Builds the image of `binary` (and the CSI `registrar`) into the OCI layout `out` (replaced), for `arch` (GOARCH-style):
 /// the libraries are the ones `ldd` lists on this machine's architecture, and those of the cross
 /// sysroot (`readelf`) for another.
-pub fn build(binary: &Path, out: &Path, arch: &str, version: &str) -> Result<Image, TestEnvError> {
+pub fn build(binary: &Path, registrar: &Path, out: &Path, arch: &str, version: &str) -> Result<Image, TestEnvError> {
     let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
     put(&mut entries, BINARY_PATH, Entry::File { from: binary.to_path_buf(), mode: 0o755 });
     put(&mut entries, "usr/local/bin/kubectl-peat", Entry::Link("peat".into()));
+    put(&mut entries, REGISTRAR_PATH, Entry::File { from: registrar.to_path_buf(), mode: 0o755 });
     let libraries = if arch == host_arch() {
         let libs = shared_libraries(binary)?;
         libs.into_iter().map(|l| (l.strip_prefix("/").expect("absolute").display().to_string(), l)).collect()
@@ -402,4 +405,23 @@ pub async fn push(layout: &Path, reference: &str, insecure: bool) -> Result<Stri
     let media_type = http::HeaderValue::from_static(INDEX_MEDIA_TYPE);
     client.push_manifest_raw(&r, index, media_type).await.map_err(registry_error)?;
     Ok(digest)
+}
+
+/// Builds the CSI driver's registrar (`registrar/`, Go) for `arch` into `out_dir`: a static binary.
+pub fn build_registrar(repo_root: &Path, out_dir: &Path, arch: &str) -> Result<PathBuf, TestEnvError> {
+    let out = out_dir.join(format!("peat-csi-registrar-{arch}"));
+    let status = std::process::Command::new("go")
+        .args(["build", "-trimpath", "-ldflags=-s -w", "-o"])
+        .arg(&out)
+        .arg(".")
+        .current_dir(repo_root.join("registrar"))
+        .env("CGO_ENABLED", "0")
+        .env("GOARCH", arch)
+        .env("GOFLAGS", "-mod=mod")
+        .status()
+        .map_err(io("running go build (the registrar)"))?;
+    if !status.success() {
+        return Err(TestEnvError::Build(format!("go build of registrar/ exited with {status}")));
+    }
+    Ok(out)
 }

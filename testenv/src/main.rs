@@ -97,7 +97,15 @@ async fn main() -> ExitCode {
     match cli.command {
         Cmd::Demo { demo_dir } => demo(&demo_dir).await,
         Cmd::Image { binary, out, arch, version, push, insecure } => {
-            match peat_testenv::image::build(&binary, &out, &arch, &version) {
+            let root = peat_testenv::harness::repo_root();
+            let registrar = match peat_testenv::image::build_registrar(&root, &root.join("target/registrar"), &arch) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("peat-testenv image: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match peat_testenv::image::build(&binary, &registrar, &out, &arch, &version) {
                 Ok(img) if push.is_some() => {
                     let to = push.expect("checked");
                     match peat_testenv::image::push(&img.layout, &to, insecure).await {

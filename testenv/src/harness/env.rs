@@ -20,6 +20,18 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("testenv/ is inside the repository").to_path_buf()
 }
 
+/// The CSI driver's registrar (`registrar/`, Go), built once per test binary into target/registrar.
+pub fn registrar_binary() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = repo_root();
+            crate::image::build_registrar(&root, &root.join("target/registrar"), "amd64")
+                .unwrap_or_else(|e| panic!("building the registrar: {e}"))
+        })
+        .clone()
+}
+
 /// The `peat` binary of this build: next to the running test or benchmark binary (Cargo builds
 /// the package's binaries before its integration tests and benchmarks), or `$PEAT_BIN`.
 pub fn peat_binary() -> PathBuf {
