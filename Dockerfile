@@ -1,11 +1,13 @@
 # The one peat image: `peat controller` (Deployment), `peat agent` (DaemonSet), and the CLI.
 # Built from this repository: docker build -t peat-operator:0.1.0 .
 # Without a container engine, `make image` assembles the same files (the binary, the libraries it
-# links, the CA bundle, user 65532) as an OCI layout; that image runs the chart's pods on a real
+# links, the CSI registrar, the CA bundle, user 65532) as an OCI layout; that image runs the chart's pods on a real
 # kubelet in `make test` (tests/real_node.rs).
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock rustfmt.toml ./
+COPY Cargo.toml Cargo.lock rustfmt.toml build.rs ./
+# The CSI spec's protos, compiled by build.rs (protox: no protoc in the image).
+COPY proto ./proto
 COPY src ./src
 COPY benches ./benches
 COPY tests ./tests

@@ -1,6 +1,6 @@
 //! `make image`: the peat image without a container engine. The binary, the shared libraries
-//! `ldd` says it loads (at the paths it loads them from, the ELF interpreter included) and the
-//! system's CA bundle go into one deterministic layer (sorted, mtime 0, owned by root); with an OCI
+//! `ldd` says it loads (at the paths it loads them from, the ELF interpreter included), the CSI
+//! driver's registrar (a static Go binary) and the system's CA bundle go into one deterministic layer (sorted, mtime 0, owned by root); with an OCI
 //! image config (non-root user 65532, entrypoint `/usr/local/bin/peat`) and manifest it is written
 //! as an OCI image layout (`oci-layout`, `index.json`, `blobs/sha256/…`), which `crane`, `skopeo`,
 //! `ctr import` and registries take. The Dockerfile gives the same files from Debian's packages.
