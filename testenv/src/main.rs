@@ -274,7 +274,7 @@ async fn up_node(binaries: Binaries, dir: &std::path::Path, peat_image: Option<P
                 let (repo, tag) = image.rsplit_once(':').expect("a tag");
                 println!(
                     "  helm install peat charts/peat-operator -n peat-system --create-namespace \\
-    --set image.repository={repo} --set image.tag={tag} --set agent.store={}/store",
+    --set image.repository={repo} --set image.tag={tag} \\\n    --set agent.store={0}/store --set agent.kubeletDir={0}/kubelet",
                     dir.display()
                 );
             }
