@@ -168,13 +168,11 @@ impl Run {
         ]}}});
         let volume = serde_json::json!({"hostPath": {"path": self.store.join("models"), "type": "Directory"}});
         self.reader_pod(pod, "default", &script, "Never", ("/models", volume), Some(affinity));
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), "default");
         let phase = eventually(&format!("pod {pod} to finish"), || async {
-            let p = pods.get(pod).await.ok()?;
-            let phase = p.status?.phase?;
-            matches!(phase.as_str(), "Succeeded" | "Failed").then_some(phase)
+            self.pod_phase("default", pod).await.filter(|p| p == "Succeeded" || p == "Failed")
         })
         .await;
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), "default");
         let logs = self.kubectl(&["logs", "-n", "default", pod]);
         assert_eq!(phase, "Succeeded", "the inference pod read other bytes than pushed: {logs}");
         for (f, _) in files {
@@ -238,6 +236,23 @@ impl Run {
     fn csi_pod(&self, pod: &str, namespace: &str, script: &str, restart: &str) {
         let volume = serde_json::json!({"csi": {"driver": "models.peat.dev", "readOnly": true, "volumeAttributes": {"model": MODEL}}});
         self.reader_pod(pod, namespace, script, restart, ("/model", volume), None);
+    }
+
+    /// Waits until the restricted `reader` pod's last line is the digest of `files`' model.onnx.
+    async fn reader_sees(&self, version: &str, files: &[(&str, Vec<u8>)]) {
+        let hex = format!("{:x}", Sha256::digest(&files[0].1));
+        eventually(&format!("the restricted pod to read {version} through the CSI volume"), || async {
+            let mut cmd = self.cluster.command(&self.cluster.env.binaries.kubectl);
+            cmd.args(["logs", "-n", "restricted", "reader", "--tail=1"]);
+            output(cmd, None).1.contains(&hex).then_some(())
+        })
+        .await;
+    }
+
+    /// Points the `demo` rollout at `version`.
+    fn set_version(&self, version: &str) {
+        let patch = format!(r#"{{"spec":{{"version":"{version}"}}}}"#);
+        self.kubectl(&["patch", "mr", MODEL, "-n", "default", "--type=merge", "-p", &patch]);
     }
 
     async fn pod_phase(&self, namespace: &str, pod: &str) -> Option<String> {
@@ -413,20 +428,14 @@ async fn end_to_end(run: &mut Run) {
         "while true; do /bin/busybox sha256sum /model/current/model.onnx; /bin/busybox sleep 1; done",
         "Always",
     );
-    let v1_hex = format!("{:x}", Sha256::digest(&v1[0].1));
-    eventually("the restricted pod to read 1.0.0 through the CSI volume", || async {
-        let mut cmd = run.cluster.command(&run.cluster.env.binaries.kubectl);
-        cmd.args(["logs", "-n", "restricted", "reader", "--tail=1"]);
-        output(cmd, None).1.contains(&v1_hex).then_some(())
-    })
-    .await;
+    run.reader_sees("1.0.0", &v1).await;
     run.step("the CSI pod started once the model was active and read it; so does a pod under Pod Security restricted");
 
     // 4. Upgrade by delta, roll back without bytes.
     let v2 = model_files(2, 7);
     push(&registry, MODEL, "2.0.0", &v2).await;
     let before = run.registry_blob_bytes();
-    run.kubectl(&["patch", "mr", MODEL, "-n", "default", "--type=merge", "-p", r#"{"spec":{"version":"2.0.0"}}"#]);
+    run.set_version("2.0.0");
     run.converged(MODEL, "2.0.0").await;
     let upgrade_bytes = run.registry_blob_bytes() - before;
     assert!(upgrade_bytes >= 64 * 1024, "the upgrade fetched at least the changed bytes: {upgrade_bytes}");
@@ -436,16 +445,10 @@ async fn end_to_end(run: &mut Run) {
         v2[0].1.len()
     );
     run.inference_pod_reads("infer-v2", "2.0.0", &v2).await;
-    let v2_hex = format!("{:x}", Sha256::digest(&v2[0].1));
-    eventually("the running CSI pod to see 2.0.0 after the upgrade", || async {
-        let mut cmd = run.cluster.command(&run.cluster.env.binaries.kubectl);
-        cmd.args(["logs", "-n", "restricted", "reader", "--tail=1"]);
-        output(cmd, None).1.contains(&v2_hex).then_some(())
-    })
-    .await;
+    run.reader_sees("2.0.0", &v2).await;
     run.step(&format!("upgraded to 2.0.0 by delta: {upgrade_bytes} blob bytes for an 8 MiB file; a pod read it"));
     let before = run.registry_blob_bytes();
-    run.kubectl(&["patch", "mr", MODEL, "-n", "default", "--type=merge", "-p", r#"{"spec":{"version":"1.0.0"}}"#]);
+    run.set_version("1.0.0");
     run.converged(MODEL, "1.0.0").await;
     assert_eq!(run.registry_blob_bytes() - before, 0, "a rollback to a kept version moves no bytes");
     run.inference_pod_reads("infer-rollback", "1.0.0", &v1).await;
@@ -509,7 +512,7 @@ async fn end_to_end(run: &mut Run) {
     assert!(agent.contains("--keep-versions=3"), "the agent pod runs with the upgraded values: {agent}");
     // The new agent pod adopts what is on disk: an upgrade to the kept 2.0.0 pulls nothing.
     let before = run.registry_blob_bytes();
-    run.kubectl(&["patch", "mr", MODEL, "-n", "default", "--type=merge", "-p", r#"{"spec":{"version":"2.0.0"}}"#]);
+    run.set_version("2.0.0");
     run.converged(MODEL, "2.0.0").await;
     assert_eq!(run.registry_blob_bytes() - before, 0, "the new agent pod found 2.0.0 kept on disk");
     run.step("helm upgrade: 1 controller, agents with --keep-versions=3, rollouts still converged");

@@ -263,7 +263,7 @@ fn write_layout(
     .expect("json");
     let manifest = serde_json::to_vec(&json!({
         "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "mediaType": MANIFEST_MEDIA_TYPE,
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": format!("sha256:{}", sha256_hex(&config)), "size": config.len()},
         "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": format!("sha256:{}", sha256_hex(&layer)), "size": layer.len()}],
         "annotations": {"org.opencontainers.image.version": version},
@@ -272,9 +272,9 @@ fn write_layout(
     let manifest_digest = format!("sha256:{}", sha256_hex(&manifest));
     let index = serde_json::to_vec_pretty(&json!({
         "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "mediaType": INDEX_MEDIA_TYPE,
         "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "mediaType": MANIFEST_MEDIA_TYPE,
             "digest": manifest_digest,
             "size": manifest.len(),
             "platform": {"architecture": arch, "os": "linux"},
