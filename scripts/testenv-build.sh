@@ -10,6 +10,7 @@ K8S_VERSION="${PEAT_K8S_VERSION:-v1.37.2}"
 ETCD_VERSION="${PEAT_ETCD_VERSION:-v3.6.16}"
 HELM_VERSION="${PEAT_HELM_VERSION:-v3.21.4}"
 ORAS_VERSION="${PEAT_ORAS_VERSION:-v1.3.6}"
+MLSERVER_VERSION="${PEAT_MLSERVER_VERSION:-1.7.1}"
 CACHE="${PEAT_TESTENV_CACHE:-$HOME/.cache/peat-testenv}"
 BIN="$CACHE/bin"
 mkdir -p "$BIN" "$CACHE/build"
@@ -142,20 +143,41 @@ build_oras() {
   mv "$dir/oras" "$out"
 }
 
+# MLServer (the Open Inference Protocol server of tests/serving.rs) and its scikit-learn runtime,
+# from PyPI into a virtualenv of their own.
+ensure_mlserver() {
+  local dir="$BIN/mlserver-$MLSERVER_VERSION"
+  [ -f "$dir/.complete" ] && return
+  say "installing MLServer $MLSERVER_VERSION and mlserver-sklearn from PyPI"
+  local py; py="$(command -v python3 || true)"
+  if [ -z "$py" ] || ! "$py" -c 'import venv, ensurepip' 2>/dev/null; then
+    apt-get update -qq >&2
+    apt-get install -y -qq --no-install-recommends python3 python3-venv >&2
+    py="$(command -v python3)"
+  fi
+  # Built where it stays (a venv's scripts name its directory); marked complete at the end.
+  rm -rf "$dir"
+  "$py" -m venv "$dir"
+  run_with_progress "MLServer" "$dir/bin/pip" install -q --disable-pip-version-check \
+    "mlserver==$MLSERVER_VERSION" "mlserver-sklearn==$MLSERVER_VERSION" || { rm -rf "$dir"; return 1; }
+  touch "$dir/.complete"
+}
+
 # One build at a time per cache (parallel test binaries, make env beside make test).
 exec 9>"$CACHE/.lock"
 flock 9
 
 what="${1:-all}"
 case "$what" in
-  all) ensure_registry; build_etcd; build_kube; build_helm; build_oras; ensure_node ;;
+  all) ensure_registry; build_etcd; build_kube; build_helm; build_oras; ensure_node; ensure_mlserver ;;
   registry) ensure_registry ;;
   etcd) build_etcd ;;
   kube) build_kube ;;
   helm) build_helm ;;
   oras) build_oras ;;
   node) build_kube; ensure_node ;;
-  *) echo "usage: $0 [all|registry|etcd|kube|helm|oras|node]" >&2; exit 2 ;;
+  mlserver) ensure_mlserver ;;
+  *) echo "usage: $0 [all|registry|etcd|kube|helm|oras|node|mlserver]" >&2; exit 2 ;;
 esac
 cat <<PATHS
 ETCD=$BIN/etcd-$ETCD_VERSION
@@ -173,5 +195,6 @@ BUSYBOX=/bin/busybox
 CNI_BIN_DIR=/usr/lib/cni
 HELM=$BIN/helm-$HELM_VERSION
 ORAS=$BIN/oras-$ORAS_VERSION
+MLSERVER=$BIN/mlserver-$MLSERVER_VERSION/bin/mlserver
 REGISTRY=$(command -v docker-registry || echo /usr/bin/docker-registry)
 PATHS

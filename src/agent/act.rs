@@ -109,6 +109,7 @@ impl Loop {
             let running_layers: HashSet<String> =
                 self.agent.pinned.lock().expect("pinned lock").values().flatten().cloned().collect();
             let inventory = self.agent.store.inventory();
+            let serving = self.agent.serving.lock().expect("serving lock").clone();
             let known = Known {
                 node: &self.agent.opts.node_name,
                 deployments: &deployments,
@@ -117,7 +118,9 @@ impl Loop {
                 inventory: &inventory,
                 max_transfers: usize::from(self.agent.opts.max_concurrent_pulls),
                 labels_applied: self.labels.as_ref(),
+                serving: &serving,
                 now: Instant::now(),
+                wall: k8s_openapi::jiff::Timestamp::now(),
             };
             let actions = decide(&known, &mut self.memory);
             let mut switched = false;
@@ -147,8 +150,15 @@ impl Loop {
                     info!(md = %key_of(&md), %version, "switched to a kept version");
                     agent.inventory_changed.notify_one();
                 }
-                let report =
-                    on_switched(&mut self.memory, &key_of(&md), version, total, result.map_err(|e| e.to_string()));
+                let serving = md.spec.serving.is_some();
+                let report = on_switched(
+                    &mut self.memory,
+                    &key_of(&md),
+                    version,
+                    total,
+                    serving,
+                    result.map_err(|e| e.to_string()),
+                );
                 write_status(agent, &md, &report).await;
             }
             Action::Start(md) => self.start(md),

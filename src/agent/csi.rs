@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use super::context::Agent;
+use super::serving::Consumer;
 use super::store::is_safe_component;
 
 /// Generated from `proto/` by build.rs.
@@ -143,6 +144,16 @@ impl Node for Driver {
         }
         std::fs::create_dir_all(&target)
             .map_err(|e| Status::internal(format!("creating {}: {e}", target.display())))?;
+        // Recorded before the mount: a consumer the agent does not know is never probed.
+        let uid = req.volume_context.get("csi.storage.k8s.io/pod.uid").cloned().unwrap_or_default();
+        let consumer = Consumer {
+            volume_id: req.volume_id.clone(),
+            model: model.to_string(),
+            namespace: namespace.clone(),
+            pod: pod.clone(),
+            uid,
+        };
+        self.agent.consumers.add(consumer).map_err(|e| Status::internal(format!("recording the consumer: {e}")))?;
         bind_read_only(&store.model_dir(model), &target)?;
         info!(model, active, pod = %format!("{namespace}/{pod}"), target = %target.display(), "model volume mounted");
         Ok(Response::new(NodePublishVolumeResponse {}))
@@ -152,7 +163,8 @@ impl Node for Driver {
         &self,
         request: Request<NodeUnpublishVolumeRequest>,
     ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
-        let target = PathBuf::from(request.into_inner().target_path);
+        let req = request.into_inner();
+        let target = PathBuf::from(&req.target_path);
         if is_mounted(&target) {
             let t = c_path(&target)?;
             // SAFETY: umount2 with a valid C string.
@@ -166,6 +178,10 @@ impl Node for Driver {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Status::internal(format!("removing {}: {e}", target.display()))),
         }
+        self.agent
+            .consumers
+            .remove(&req.volume_id)
+            .map_err(|e| Status::internal(format!("forgetting the consumer: {e}")))?;
         info!(target = %target.display(), "model volume unmounted");
         Ok(Response::new(NodeUnpublishVolumeResponse {}))
     }

@@ -10,10 +10,13 @@ use std::time::{Duration, Instant};
 
 use kube::ResourceExt;
 
+use k8s_openapi::jiff::Timestamp;
+
+use super::serving::{Observation, Track, assess};
 use super::store::{ModelState, is_safe_component};
 use super::transfer::{PullPlan, TransferError};
 use crate::api::shared::NODE_MODEL_LABEL_PREFIX;
-use crate::api::{BlockerReason, DeletionPolicy, DeploymentPhase, ModelDeployment, Priority};
+use crate::api::{BlockerReason, DeletionPolicy, DeploymentPhase, ModelDeployment, Priority, ServingStatus};
 
 /// Bytes of one transfer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -37,17 +40,19 @@ pub struct Report {
     pub message: Option<String>,
     /// Bytes, when known.
     pub bytes: Option<Bytes>,
+    /// The serving section (deployments with `spec.serving` whose version is active); None clears it.
+    pub serving: Option<ServingStatus>,
 }
 
 impl Report {
     /// Just a phase.
     pub fn phase(phase: DeploymentPhase) -> Report {
-        Report { phase, reason: None, message: None, bytes: None }
+        Report { phase, reason: None, message: None, bytes: None, serving: None }
     }
 
     /// A phase with a blocker.
     pub fn blocked(phase: DeploymentPhase, reason: BlockerReason, message: String) -> Report {
-        Report { phase, reason: Some(reason), message: Some(message), bytes: None }
+        Report { phase, reason: Some(reason), message: Some(message), bytes: None, serving: None }
     }
 }
 
@@ -86,6 +91,8 @@ pub struct Tracked {
     pub failed: Option<(BlockerReason, String)>,
     /// Bytes of the last completed transfer.
     pub last_bytes: Option<Bytes>,
+    /// Serving of the active version (with `spec.serving`): soak, timeout, transitions.
+    pub serving: Option<Track>,
 }
 
 /// The agent's memory: one [`Tracked`] per ModelDeployment it has seen (and still sees).
@@ -119,8 +126,12 @@ pub struct Known<'a> {
     pub max_transfers: usize,
     /// The Node's model labels as last applied (none yet: they are applied).
     pub labels_applied: Option<&'a BTreeMap<String, String>>,
+    /// What the prober last saw of the servers, by deployment key.
+    pub serving: &'a HashMap<String, Observation>,
     /// Now.
     pub now: Instant,
+    /// Now, on the wall clock (for the times a status shows).
+    pub wall: Timestamp,
 }
 
 /// Why a running transfer is stopped.
@@ -231,7 +242,8 @@ pub fn decide(known: &Known<'_>, memory: &mut Memory) -> Vec<Action> {
             }
             continue; // the transfer task reports
         }
-        let (settled, report) = settle(md, t, known.inventory.get(&md.spec.model), known.now);
+        let on_disk = known.inventory.get(&md.spec.model);
+        let (settled, report) = settle(md, t, on_disk, known.serving.get(&key), known.now, known.wall);
         let failed = t.failed.is_some();
         if let Some(report) = report {
             actions.push(Action::Report((*md).clone(), report));
@@ -298,7 +310,9 @@ fn settle(
     md: &ModelDeployment,
     t: &mut Tracked,
     on_disk: Option<&(ModelState, Option<String>)>,
+    observation: Option<&Observation>,
     now: Instant,
+    wall: Timestamp,
 ) -> (Settled, Option<Report>) {
     let spec = &md.spec;
     let mut fail_for_good = |reason, message: String| {
@@ -316,7 +330,29 @@ fn settle(
     let kept = on_disk.and_then(|(state, _)| state.get(&spec.version)).filter(|v| v.digest == digest);
     let current = on_disk.and_then(|(_, current)| current.as_deref());
     if kept.is_some() && current == Some(spec.version.as_str()) {
-        return (Settled::Active, Some(Report { bytes: t.last_bytes, ..Report::phase(DeploymentPhase::Operational) }));
+        let Some(serving) = &spec.serving else {
+            return (
+                Settled::Active,
+                Some(Report { bytes: t.last_bytes, ..Report::phase(DeploymentPhase::Operational) }),
+            );
+        };
+        // Active on disk; Operational only once the node's model server serves it.
+        let a = assess(&spec.model, serving, &spec.version, &mut t.serving, observation, now, wall);
+        if let Some((reason, message)) = t.failed.clone() {
+            let report =
+                Report { serving: Some(a.status), ..Report::blocked(DeploymentPhase::Failed, reason, message) };
+            return (Settled::Failed, Some(report));
+        }
+        if a.phase == DeploymentPhase::Failed {
+            // Failed for good on this artifact: the rollout's failureThreshold and autoRollback take it from here.
+            let message = a.message.unwrap_or_default();
+            t.failed = Some((BlockerReason::DeploymentFailed, message.clone()));
+            let blocked = Report::blocked(DeploymentPhase::Failed, BlockerReason::DeploymentFailed, message);
+            return (Settled::Failed, Some(Report { serving: Some(a.status), bytes: t.last_bytes, ..blocked }));
+        }
+        let report =
+            Report { message: a.message, bytes: t.last_bytes, serving: Some(a.status), ..Report::phase(a.phase) };
+        return (Settled::Active, Some(report));
     }
     if spec.paused {
         let phase = md.status.as_ref().map_or(DeploymentPhase::NotDeployed, |s| match s.phase {
@@ -453,12 +489,21 @@ pub fn on_finished(
 
 /// Records the outcome of switching `key` to a kept version of `total` bytes: active with nothing
 /// fetched, or failed for good. Returns the report to write.
-pub fn on_switched(memory: &mut Memory, key: &str, version: &str, total: u64, result: Result<(), String>) -> Report {
+/// With `serving` the version is Loading until its server serves it.
+pub fn on_switched(
+    memory: &mut Memory,
+    key: &str,
+    version: &str,
+    total: u64,
+    serving: bool,
+    result: Result<(), String>,
+) -> Report {
     let t = memory.entry(key.to_string()).or_default();
     match result {
         Ok(()) => {
             t.last_bytes = Some(Bytes { fetched: 0, reused: total, total });
-            Report { bytes: t.last_bytes, ..Report::phase(DeploymentPhase::Operational) }
+            let phase = if serving { DeploymentPhase::Loading } else { DeploymentPhase::Operational };
+            Report { bytes: t.last_bytes, ..Report::phase(phase) }
         }
         Err(e) => {
             let message = format!("activating kept version {version}: {e}");

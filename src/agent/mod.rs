@@ -16,6 +16,7 @@ pub mod metrics;
 mod node;
 pub mod options;
 mod report;
+pub mod serving;
 pub mod store;
 pub mod transfer;
 
@@ -27,6 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::api::Api;
 use kube::runtime::reflector;
@@ -50,6 +52,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let client = Client::try_default().await?;
     let store =
         Store::open(&opts.store).map_err(|e| anyhow::anyhow!("opening the store {}: {e}", opts.store.display()))?;
+    let consumers = serving::Consumers::open(&store.root().join("consumers"))
+        .map_err(|e| anyhow::anyhow!("reading the CSI consumers under {}: {e}", store.root().display()))?;
     let annotations = node::read_capability_annotations(&client, &opts.node_name).await;
     let caps = node::detect_capabilities(&opts, &annotations.clone().unwrap_or_default()).await;
     info!(node = %opts.node_name, store = %store.root().display(), ?caps, "starting");
@@ -74,6 +78,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         wanted: Mutex::new(Default::default()),
         store_lock: tokio::sync::Mutex::new(()),
         inventory_changed: tokio::sync::Notify::new(),
+        consumers,
+        serving: Default::default(),
     });
     report::publish_model_node(&agent).await?;
     let heartbeat = tokio::spawn(report::heartbeat_loop(agent.clone(), shutdown.clone()));
@@ -106,6 +112,26 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }
         })
     });
+    // The pods on this node, for the addresses of the model's consumers (with the CSI driver only).
+    let (pods, pods_watch) = match &opts.csi_kubelet_dir {
+        Some(_) => {
+            let (pods, writer) = reflector::store();
+            let api: Api<Pod> = Api::all(client.clone());
+            let wc = watcher::Config::default().fields(&format!("spec.nodeName={}", opts.node_name));
+            let stream = watcher::watcher(api, wc).default_backoff().reflect(writer);
+            let task = tokio::spawn(async move {
+                let mut stream = std::pin::pin!(stream);
+                while let Some(ev) = stream.next().await {
+                    if let Err(e) = ev {
+                        warn!(error = %e, "watching the node's pods");
+                    }
+                }
+            });
+            (Some(pods), Some(task))
+        }
+        None => (None, None),
+    };
+    let prober = tokio::spawn(serving::probe_loop(agent.clone(), cache.clone(), pods, events_tx.clone()));
     cache.wait_until_ready().await?;
     ready.store(true, Ordering::Release);
     info!("initial list complete: ready");
@@ -114,6 +140,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         _ = shutdown.cancelled() => Ok(()),
     };
     watch.abort();
+    prober.abort();
+    if let Some(t) = pods_watch {
+        t.abort();
+    }
     heartbeat.abort();
     annotations.abort();
     if let Some(csi) = csi {

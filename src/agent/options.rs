@@ -48,6 +48,13 @@ pub struct Options {
     /// Without it, no driver.
     #[arg(long, env = "PEAT_CSI_KUBELET_DIR")]
     pub csi_kubelet_dir: Option<PathBuf>,
+    /// The node's address, where a model server on the host network (`serving.endpoint: Host`) is
+    /// probed (the chart passes the Downward API's `status.hostIP`).
+    #[arg(long, default_value = "127.0.0.1", env = "HOST_IP")]
+    pub host_address: String,
+    /// How often the model servers of deployments with `spec.serving` are probed.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub serving_interval: Duration,
     /// Capability overrides.
     #[command(flatten)]
     pub capabilities: Overrides,

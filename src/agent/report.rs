@@ -35,6 +35,7 @@ pub(super) async fn write_status(agent: &Agent, md: &ModelDeployment, report: &R
         && old.active_digest.as_deref() == active.map(|a| a.digest.as_str())
         && old.previous_versions == previous
         && old.observed_generation == md.metadata.generation
+        && old.serving == report.serving
         && report.bytes.is_none_or(|b| {
             (old.bytes_done, old.bytes_reused, old.bytes_total) == (b.fetched as i64, b.reused as i64, b.total as i64)
         });
@@ -50,6 +51,7 @@ pub(super) async fn write_status(agent: &Agent, md: &ModelDeployment, report: &R
         "previousVersions": previous,
         "lastHeartbeat": Time(Timestamp::now()),
         "observedGeneration": md.metadata.generation,
+        "serving": report.serving,
     });
     if let Some(b) = report.bytes {
         status["bytesDone"] = b.fetched.into();

@@ -4,6 +4,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+use super::serving::{ServingSpec, ServingStatus};
 use super::shared::{BlockerReason, DeletionPolicy, DeploymentPhase, Priority};
 
 /// One model on one node: what the node should hold, and (in status) what it holds.
@@ -84,6 +85,10 @@ pub struct ModelDeploymentSpec {
     /// What the node does with the model once no ModelDeployment holds it (from the rollout).
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+
+    /// How the node's model server serves the model (from the rollout's `spec.serving`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving: Option<ServingSpec>,
 }
 
 fn default_true() -> bool {
@@ -137,6 +142,10 @@ pub struct ModelDeploymentStatus {
     /// The `metadata.generation` the agent acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+
+    /// Whether the node's model server serves the active version (with `spec.serving`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving: Option<ServingStatus>,
 }
 
 impl ModelDeployment {

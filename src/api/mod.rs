@@ -8,6 +8,7 @@ pub mod node;
 pub mod quantity;
 #[allow(clippy::duplicated_attributes)]
 pub mod rollout;
+pub mod serving;
 pub mod shared;
 
 pub use deployment::{ModelDeployment, ModelDeploymentSpec, ModelDeploymentStatus};
@@ -16,6 +17,7 @@ pub use rollout::{
     AllNodes, Blocker, CapableScope, DeltaSpec, HistoryEntry, LabelRequirement, ModelRollout, ModelRolloutSpec,
     ModelRolloutStatus, ModelSource, NodeSelector, ScopeSpec, SelectorOperator, StrategySpec, VariantSpec,
 };
+pub use serving::{ServingConsumer, ServingEndpoint, ServingProtocol, ServingSpec, ServingStatus};
 pub use shared::{BlockerReason, DeletionPolicy, DeploymentPhase, Priority, RolloutPhase};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -7,6 +7,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+use super::serving::ServingSpec;
 use super::shared::{BlockerReason, DeletionPolicy, Priority, RolloutPhase};
 
 /// Roll model M, version V, out to a set of nodes.
@@ -86,6 +87,12 @@ pub struct ModelRolloutSpec {
     /// active version stays, labelled, unmanaged; a new rollout of the model adopts it) or `Delete`.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+
+    /// How the node's model server serves the model. Without it Operational means "staged on disk";
+    /// with it a node is Operational once its server answers ready for the new version, and a server
+    /// that cannot load it fails the node (see `readyTimeoutSeconds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving: Option<ServingSpec>,
 }
 
 /// Where the model's artifacts live.
@@ -392,6 +399,15 @@ pub struct ModelRolloutStatus {
     /// Targets that report Failed.
     #[serde(default)]
     pub failed: i32,
+
+    /// Converged targets whose model server answers ready for the desired version (with `spec.serving`).
+    #[serde(default)]
+    pub serving: i32,
+
+    /// Targets with the desired version active on disk but not (yet) served: all converged ones
+    /// without `spec.serving`; with it, those still loading or soaking and those whose server stopped answering.
+    #[serde(default)]
+    pub staged: i32,
 
     /// `converged/totalNodes`, for `kubectl get`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -43,6 +43,10 @@ pub struct Convergence {
     pub pending: i32,
     /// Failed on the target.
     pub failed: i32,
+    /// Target version active and its model server answers ready for it (`spec.serving`).
+    pub serving: i32,
+    /// Target version active on disk but not served (no `spec.serving`, loading, soaking, or a server not answering).
+    pub staged: i32,
     /// Active version → number of targets running it.
     pub version_distribution: BTreeMap<String, i32>,
     /// Blocked targets, oldest first, at most [`MAX_LISTED_BLOCKERS`].
@@ -107,6 +111,21 @@ pub fn classify(target_version: &str, deployment: Option<&ModelDeployment>) -> T
     }
 }
 
+/// For a node whose ModelDeployment asks for the target version and has it active (Loading while its
+/// server is probed, Operational or Degraded): whether its model server answers ready for it.
+/// None when the target version is not active there (or failed).
+pub fn serving_state(target_version: &str, deployment: Option<&ModelDeployment>) -> Option<bool> {
+    let md = deployment?;
+    let status = md.status.as_ref()?;
+    let active = md.spec.version == target_version && status.active_version.as_deref() == Some(target_version);
+    let staged =
+        matches!(status.phase, DeploymentPhase::Loading | DeploymentPhase::Operational | DeploymentPhase::Degraded);
+    if !(active && staged) {
+        return None;
+    }
+    Some(status.serving.as_ref().is_some_and(|s| s.ready && s.version == target_version))
+}
+
 /// Aggregates the targets of a rollout of `model` at `target_version`.
 ///
 /// `deployments` may hold ModelDeployments of any model: they are keyed by (model, node), so two
@@ -138,6 +157,11 @@ pub fn aggregate(
         }
         let status = md.and_then(|m| m.status.as_ref());
         let for_target = md.is_some_and(|m| m.spec.version == target_version);
+        match serving_state(target_version, md) {
+            Some(true) => c.serving += 1,
+            Some(false) => c.staged += 1,
+            None => {}
+        }
         if let Some(active) = status.and_then(|s| s.active_version.as_ref()) {
             *c.version_distribution.entry(active.clone()).or_default() += 1;
         }

@@ -28,6 +28,7 @@ pub(crate) fn deployment_spec(node: &str, model: &str, version: &str, artifact: 
         max_size_bytes: None,
         paused: false,
         deletion_policy: Default::default(),
+        serving: None,
     }
 }
 
@@ -46,6 +47,7 @@ pub(crate) fn rollout(max_parallel: Option<IntOrString>) -> ModelRollout {
             delta: None,
             paused: false,
             deletion_policy: Default::default(),
+            serving: None,
         },
     );
     r.metadata.namespace = Some("ml".into());

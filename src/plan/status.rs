@@ -118,6 +118,8 @@ pub fn rollout_status(input: &StatusInput<'_>) -> ModelRolloutStatus {
         in_progress: c.in_progress,
         pending: c.pending,
         failed: c.failed,
+        serving: c.serving,
+        staged: c.staged,
         converged_ratio: Some(c.ratio()),
         version_distribution: c.version_distribution.clone(),
         blockers: c.blockers.clone(),
@@ -277,6 +279,7 @@ mod tests {
                 delta: None,
                 paused,
                 deletion_policy: Default::default(),
+                serving: None,
             },
         );
         r.metadata.generation = Some(7);

@@ -147,6 +147,7 @@ pub fn deployment_spec(
         max_size_bytes: spec.variant.as_ref().and_then(|v| v.max_size_bytes),
         paused: spec.paused,
         deletion_policy: spec.deletion_policy,
+        serving: spec.serving.clone(),
     }
 }
 
@@ -161,6 +162,7 @@ fn refreshed(existing: &ModelDeploymentSpec, spec: &ModelRolloutSpec) -> ModelDe
         max_size_bytes: spec.variant.as_ref().and_then(|v| v.max_size_bytes),
         paused: spec.paused,
         deletion_policy: spec.deletion_policy,
+        serving: spec.serving.clone(),
         ..existing.clone()
     }
 }

@@ -48,6 +48,8 @@ pub struct Binaries {
     pub oras: PathBuf,
     /// Debian's docker-registry.
     pub registry: PathBuf,
+    /// MLServer (PyPI, in a virtualenv whose `python` has scikit-learn): tests/serving.rs.
+    pub mlserver: PathBuf,
     /// What a real node runs (`node::RealCluster`).
     pub node: netns::NodeBinaries,
 }
@@ -83,6 +85,7 @@ impl Binaries {
             kubectl: get("KUBECTL")?,
             helm: get("HELM")?,
             oras: get("ORAS")?,
+            mlserver: get("MLSERVER")?,
             registry: get("REGISTRY")?,
             node: netns::NodeBinaries {
                 kube_scheduler: get("KUBE_SCHEDULER")?,

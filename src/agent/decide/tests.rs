@@ -83,6 +83,7 @@ struct World {
     labels: Option<BTreeMap<String, String>>,
     now: Instant,
     memory: Memory,
+    serving: HashMap<String, Observation>,
 }
 
 impl World {
@@ -96,6 +97,7 @@ impl World {
             labels: None,
             now: Instant::now(),
             memory: Memory::new(),
+            serving: HashMap::new(),
         }
     }
 
@@ -114,7 +116,9 @@ impl World {
             inventory: &self.inventory,
             max_transfers: self.max,
             labels_applied: self.labels.as_ref(),
+            serving: &self.serving,
             now: self.now,
+            wall: Timestamp::from_second(1_000_000).unwrap(),
         };
         decide(&known, &mut self.memory)
     }

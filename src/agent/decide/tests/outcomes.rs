@@ -8,10 +8,13 @@ use super::*;
 #[test]
 fn switching_to_a_kept_version_reports_what_happened() {
     let mut memory = Memory::new();
-    let ok = on_switched(&mut memory, "ns/d", "1", 10, Ok(()));
+    let ok = on_switched(&mut memory, "ns/d", "1", 10, false, Ok(()));
     assert_eq!(ok.phase, DeploymentPhase::Operational);
     assert_eq!(ok.bytes, Some(Bytes { fetched: 0, reused: 10, total: 10 }));
-    let bad = on_switched(&mut memory, "ns/d", "1", 10, Err("disk on fire".into()));
+    // With spec.serving the switch only stages it: the server has yet to load it.
+    let staged = on_switched(&mut memory, "ns/d", "1", 10, true, Ok(()));
+    assert_eq!(staged.phase, DeploymentPhase::Loading);
+    let bad = on_switched(&mut memory, "ns/d", "1", 10, false, Err("disk on fire".into()));
     assert_eq!((bad.phase, bad.reason), (DeploymentPhase::Failed, Some(BlockerReason::DeploymentFailed)));
     assert!(memory["ns/d"].failed.is_some(), "remembered: not tried again until the deployment changes");
 }

@@ -1,0 +1,186 @@
+//! The serving verdicts, over a made-up clock: soak, timeout, latency, a server that goes away.
+
+use super::*;
+
+fn spec(min_ready: i32, timeout: i32, degraded: Option<i32>) -> ServingSpec {
+    ServingSpec {
+        protocol: ServingProtocol::OpenInference,
+        endpoint: ServingEndpoint::Host,
+        port: 8080,
+        path: None,
+        ready_timeout_seconds: timeout,
+        min_ready_seconds: min_ready,
+        degraded_latency_milliseconds: degraded,
+    }
+}
+
+fn seen(version: &str, outcome: Result<u64, &str>) -> Observation {
+    Observation {
+        version: version.into(),
+        consumers: vec![ConsumerProbe {
+            name: "host".into(),
+            endpoint: Some("127.0.0.1:8080".into()),
+            outcome: outcome.map(Duration::from_millis).map_err(str::to_string),
+        }],
+        none_because: None,
+    }
+}
+
+struct Clock {
+    start: Instant,
+    track: Option<Track>,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        Clock { start: Instant::now(), track: None }
+    }
+
+    fn at(&mut self, secs: u64, spec: &ServingSpec, version: &str, o: Option<&Observation>) -> Assessment {
+        let wall = Timestamp::from_second(1_000_000 + secs as i64).unwrap();
+        assess("iris", spec, version, &mut self.track, o, self.start + Duration::from_secs(secs), wall)
+    }
+}
+
+#[test]
+fn operational_only_after_ready_for_min_ready_seconds_without_a_break() {
+    let s = spec(10, 300, None);
+    let mut c = Clock::new();
+    let a = c.at(0, &s, "2.0.0", None);
+    assert_eq!(a.phase, DeploymentPhase::Loading);
+    assert!(a.message.unwrap().contains("no probe of the model server yet"));
+    assert_eq!(c.at(1, &s, "2.0.0", Some(&seen("2.0.0", Ok(5)))).phase, DeploymentPhase::Loading);
+    // A break starts the soak over.
+    assert_eq!(c.at(8, &s, "2.0.0", Some(&seen("2.0.0", Err("GET … answered 404")))).phase, DeploymentPhase::Loading);
+    let a = c.at(9, &s, "2.0.0", Some(&seen("2.0.0", Ok(5))));
+    assert_eq!(a.phase, DeploymentPhase::Loading);
+    assert!(a.message.unwrap().contains("minReadySeconds 10"));
+    assert_eq!(c.at(18, &s, "2.0.0", Some(&seen("2.0.0", Ok(5)))).phase, DeploymentPhase::Loading);
+    let a = c.at(19, &s, "2.0.0", Some(&seen("2.0.0", Ok(5))));
+    assert_eq!(a.phase, DeploymentPhase::Operational);
+    assert!(a.status.ready);
+    assert_eq!(a.status.latency_milliseconds, Some(5));
+    assert_eq!(a.status.since, Some(Time(Timestamp::from_second(1_000_009).unwrap())));
+}
+
+#[test]
+fn an_observation_of_another_version_does_not_count() {
+    let s = spec(0, 300, None);
+    let mut c = Clock::new();
+    let a = c.at(0, &s, "2.0.0", Some(&seen("1.0.0", Ok(5))));
+    assert_eq!(a.phase, DeploymentPhase::Loading);
+    assert!(!a.status.ready);
+    assert_eq!(c.at(1, &s, "2.0.0", Some(&seen("2.0.0", Ok(5)))).phase, DeploymentPhase::Operational);
+}
+
+#[test]
+fn not_served_within_the_ready_timeout_fails_with_the_servers_answer() {
+    let s = spec(0, 30, None);
+    let mut c = Clock::new();
+    let refused = seen("2.0.0", Err("loading version 2.0.0: POST /v2/repository/models/iris/load answered 400"));
+    let a = c.at(0, &s, "2.0.0", Some(&refused));
+    assert_eq!(a.phase, DeploymentPhase::Loading);
+    assert_eq!(c.at(29, &s, "2.0.0", Some(&refused)).phase, DeploymentPhase::Loading);
+    let a = c.at(30, &s, "2.0.0", Some(&refused));
+    assert_eq!(a.phase, DeploymentPhase::Failed);
+    let m = a.message.unwrap();
+    assert!(m.contains("not served within readyTimeoutSeconds 30") && m.contains("host: loading version 2.0.0"), "{m}");
+    // Another version (a rollback) starts its own timeout.
+    assert_eq!(c.at(31, &s, "1.0.0", Some(&seen("1.0.0", Err("404")))).phase, DeploymentPhase::Loading);
+    assert_eq!(c.at(32, &s, "1.0.0", Some(&seen("1.0.0", Ok(3)))).phase, DeploymentPhase::Operational);
+}
+
+#[test]
+fn no_consumer_is_not_serving_and_says_why() {
+    let s = spec(0, 5, None);
+    let mut c = Clock::new();
+    let none = Observation {
+        version: "1.0.0".into(),
+        consumers: vec![],
+        none_because: Some("no pod on this node mounts model iris".into()),
+    };
+    let a = c.at(0, &s, "1.0.0", Some(&none));
+    assert_eq!(a.phase, DeploymentPhase::Loading);
+    assert!(a.message.unwrap().contains("no pod on this node mounts model iris"));
+    assert_eq!(c.at(5, &s, "1.0.0", Some(&none)).phase, DeploymentPhase::Failed);
+}
+
+#[test]
+fn a_server_that_served_and_stops_answering_is_degraded_not_failed_and_recovers() {
+    let s = spec(0, 5, None);
+    let mut c = Clock::new();
+    assert_eq!(c.at(0, &s, "1.0.0", Some(&seen("1.0.0", Ok(4)))).phase, DeploymentPhase::Operational);
+    let gone = seen("1.0.0", Err("error sending request: connection refused"));
+    for t in [1, 10, 100] {
+        let a = c.at(t, &s, "1.0.0", Some(&gone));
+        assert_eq!(a.phase, DeploymentPhase::Degraded, "at {t}s");
+        assert!(
+            a.message.as_deref().unwrap().contains("no longer served: host: error sending request: connection refused")
+        );
+        assert!(!a.status.ready);
+        assert_eq!(a.status.consumers[0].message.as_deref(), Some("error sending request: connection refused"));
+    }
+    assert_eq!(c.at(101, &s, "1.0.0", Some(&seen("1.0.0", Ok(4)))).phase, DeploymentPhase::Operational);
+}
+
+#[test]
+fn slow_answers_degrade_and_fast_ones_restore() {
+    let s = spec(0, 300, Some(100));
+    let mut c = Clock::new();
+    assert_eq!(c.at(0, &s, "1.0.0", Some(&seen("1.0.0", Ok(20)))).phase, DeploymentPhase::Operational);
+    let a = c.at(1, &s, "1.0.0", Some(&seen("1.0.0", Ok(250))));
+    assert_eq!(a.phase, DeploymentPhase::Degraded);
+    assert_eq!(
+        a.message.as_deref(),
+        Some("the model server answers ready in 250 ms, above degradedLatencyMilliseconds 100")
+    );
+    assert_eq!(a.status.latency_milliseconds, Some(250));
+    assert!(a.status.ready, "slow is still ready");
+    assert_eq!(c.at(2, &s, "1.0.0", Some(&seen("1.0.0", Ok(30)))).phase, DeploymentPhase::Operational);
+}
+
+#[test]
+fn the_latency_shown_moves_with_the_phase_or_every_thirty_seconds_not_every_probe() {
+    let s = spec(0, 300, Some(100));
+    let mut c = Clock::new();
+    let first = c.at(0, &s, "1.0.0", Some(&seen("1.0.0", Ok(20))));
+    let next = c.at(1, &s, "1.0.0", Some(&seen("1.0.0", Ok(23))));
+    assert_eq!(first, next, "a new latency alone changes nothing to write");
+    let slow = c.at(2, &s, "1.0.0", Some(&seen("1.0.0", Ok(300))));
+    let slower = c.at(3, &s, "1.0.0", Some(&seen("1.0.0", Ok(320))));
+    assert_eq!(slow, slower, "nor while Degraded");
+    let later = c.at(33, &s, "1.0.0", Some(&seen("1.0.0", Ok(330))));
+    assert_eq!(later.status.latency_milliseconds, Some(330));
+}
+
+#[test]
+fn the_ready_path_names_the_model_and_version() {
+    let mut s = spec(0, 300, None);
+    assert_eq!(s.ready_path("iris", "2.0.0"), "/v2/models/iris/versions/2.0.0/ready");
+    s.protocol = ServingProtocol::HttpGet;
+    s.path = Some("/models/{model}/{version}/ok".into());
+    assert_eq!(s.ready_path("iris", "2.0.0"), "/models/iris/2.0.0/ok");
+}
+
+#[test]
+fn consumers_survive_a_restart_and_go_on_unpublish() {
+    let dir = tempfile::tempdir().unwrap();
+    let consumers = Consumers::open(dir.path()).unwrap();
+    let c = |vol: &str, model: &str, pod: &str| Consumer {
+        volume_id: vol.into(),
+        model: model.into(),
+        namespace: "ml".into(),
+        pod: pod.into(),
+        uid: format!("uid-{pod}"),
+    };
+    consumers.add(c("csi-b", "iris", "b")).unwrap();
+    consumers.add(c("csi-a", "iris", "a")).unwrap();
+    consumers.add(c("csi-x", "other", "x")).unwrap();
+    let again = Consumers::open(dir.path()).unwrap();
+    let pods: Vec<String> = again.of_model("iris").into_iter().map(|c| c.pod).collect();
+    assert_eq!(pods, ["a", "b"]);
+    again.remove("csi-a").unwrap();
+    again.remove("csi-unknown").unwrap();
+    let pods: Vec<String> = Consumers::open(dir.path()).unwrap().of_model("iris").into_iter().map(|c| c.pod).collect();
+    assert_eq!(pods, ["b"]);
+}
