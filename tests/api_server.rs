@@ -246,6 +246,36 @@ async fn invalid_specs_are_refused_with_a_message_naming_the_field() {
             with(base.clone(), "spec.source.repository", json!("reg:5000/Models/X")),
             &["spec.source.repository", "no upper case"],
         ),
+        (
+            "an HTTP GET probe without a path",
+            with(base.clone(), "spec.serving", json!({"protocol": "HttpGet", "port": 8080})),
+            &["spec.serving", "serving.path is required with protocol HttpGet"],
+        ),
+        (
+            "a path with the Open Inference Protocol",
+            with(base.clone(), "spec.serving", json!({"port": 8080, "path": "/ready"})),
+            &["spec.serving", "serving.path is only used with protocol HttpGet"],
+        ),
+        (
+            "a serving port out of range",
+            with(base.clone(), "spec.serving", json!({"port": 70000})),
+            &["spec.serving.port", "1 to 65535"],
+        ),
+        (
+            "no serving port",
+            with(base.clone(), "spec.serving", json!({"protocol": "OpenInference"})),
+            &["spec.serving.port", "Required"],
+        ),
+        (
+            "a ready timeout of zero",
+            with(base.clone(), "spec.serving", json!({"port": 8080, "readyTimeoutSeconds": 0})),
+            &["spec.serving.readyTimeoutSeconds", "1 to 86400"],
+        ),
+        (
+            "an unknown serving protocol",
+            with(base.clone(), "spec.serving", json!({"port": 8080, "protocol": "Grpc"})),
+            &["spec.serving.protocol", "OpenInference", "HttpGet"],
+        ),
     ];
     assert!(cases.len() >= 12);
     let mut failures = Vec::new();

@@ -12,7 +12,7 @@ fn the_dashboard_queries_only_exported_metrics() {
     let a = peat::agent::metrics::Metrics::new(&mut registry);
     // Families show only once they have a series.
     let rollout = peat::controller::metrics::RolloutLabels { namespace: "ns".into(), name: "r".into() };
-    for family in [&c.converged, &c.failed, &c.total] {
+    for family in [&c.converged, &c.failed, &c.total, &c.serving] {
         family.get_or_create(&rollout).set(1);
     }
     c.errors.get_or_create(&peat::controller::metrics::ErrorLabels { category: "kube" }).inc();

@@ -10,7 +10,10 @@
 //!    Pod Security `restricted` reads it through the CSI volume and sees the upgrade switch it;
 //! 4. an upgrade by delta and a rollback, each read by a new inference pod;
 //! 5. the leader controller pod killed: the other replica takes the Lease, a new rollout converges;
-//! 6. `helm upgrade` with changed values, then the documented uninstall;
+//! 6. `helm upgrade` with changed values;
+//! 7. `spec.serving` through the CSI consumers: a pod serving the volume over HTTP (busybox httpd,
+//!    Pod Security `restricted`) gates Operational through an upgrade; deleted, the node is
+//!    Degraded and counted staged, not serving; then the documented uninstall;
 //!
 //! and at the end, the node torn down with nothing left (processes, mounts, cgroups, namespace).
 
@@ -27,7 +30,7 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams};
-use peat::api::{ModelNode, ModelRollout, RolloutPhase};
+use peat::api::{DeploymentPhase, ModelDeployment, ModelNode, ModelRollout, RolloutPhase};
 use peat_testenv::netns::machine_state;
 use peat_testenv::node::{ClusterNetwork, RealCluster, leftovers};
 use peat_testenv::{Binaries, Lifetime, blob_bytes_in_access_log, pseudo_random};
@@ -247,6 +250,25 @@ impl Run {
             output(cmd, None).1.contains(&hex).then_some(())
         })
         .await;
+    }
+
+    /// Waits until the rollout of `model` counts its node serving `version` (its consumers answer
+    /// ready for it); the node's deployment then.
+    async fn serving_on(&self, model: &str, version: &str) -> ModelDeployment {
+        let api: Api<ModelRollout> = Api::namespaced(self.client.clone(), "default");
+        let mds: Api<ModelDeployment> = Api::namespaced(self.client.clone(), "default");
+        eventually(&format!("rollout {model} served on {version}"), || async {
+            let r = api.get(model).await.ok()?;
+            let s = r.status?;
+            let md = mds.list(&Default::default()).await.ok()?.items.into_iter().find(|m| m.spec.model == model)?;
+            let ok = s.observed_generation == r.metadata.generation
+                && r.spec.version == version
+                && s.phase == RolloutPhase::Converged
+                && s.serving == 1
+                && md.status.as_ref().is_some_and(|m| m.phase == DeploymentPhase::Operational);
+            ok.then_some(md)
+        })
+        .await
     }
 
     /// Points the `demo` rollout at `version`.
@@ -516,10 +538,44 @@ async fn end_to_end(run: &mut Run) {
     run.converged(MODEL, "2.0.0").await;
     assert_eq!(run.registry_blob_bytes() - before, 0, "the new agent pod found 2.0.0 kept on disk");
     run.step("helm upgrade: 1 controller, agents with --keep-versions=3, rollouts still converged");
+
+    // 7. Serving through the CSI consumers: a pod that mounts the model and serves it over HTTP
+    // (busybox httpd on the volume, under Pod Security restricted) gates Operational.
+    run.kubectl(&["delete", "pod", "-n", "restricted", "reader", "--timeout=120s"]);
+    run.csi_pod("server", "restricted", "exec /bin/busybox httpd -f -p 8080 -h /model", "Always");
+    let serving = r#"{"spec":{"serving":{"protocol":"HttpGet","endpoint":"Consumers","port":8080,"path":"/{version}/model.onnx","readyTimeoutSeconds":60}}}"#;
+    run.kubectl(&["patch", "mr", MODEL, "-n", "default", "--type=merge", "-p", serving]);
+    let md = run.serving_on(MODEL, "2.0.0").await;
+    let consumers = md.status.and_then(|s| s.serving).map(|s| s.consumers).unwrap_or_default();
+    assert_eq!(consumers.len(), 1, "the one serving pod (the reader went): {consumers:?}");
+    assert_eq!(consumers[0].name, "restricted/server");
+    assert!(consumers[0].endpoint.as_deref().is_some_and(|e| e.starts_with("10.88.0.") && e.ends_with(":8080")));
+    run.set_version("1.0.0");
+    let switched = Instant::now();
+    run.serving_on(MODEL, "1.0.0").await;
+    run.step(&format!(
+        "a pod serving the CSI volume gates Operational: 2.0.0, then 1.0.0 served {:.1?} after the switch",
+        switched.elapsed()
+    ));
+    run.kubectl(&["delete", "pod", "-n", "restricted", "server", "--timeout=120s"]);
+    let api: Api<ModelRollout> = Api::namespaced(run.client.clone(), "default");
+    let mds: Api<ModelDeployment> = Api::namespaced(run.client.clone(), "default");
+    let msg = eventually("Degraded once no pod serves the model", || async {
+        let md = mds.list(&Default::default()).await.ok()?.items.into_iter().find(|m| m.spec.model == MODEL)?;
+        let s = md.status?;
+        (s.phase == DeploymentPhase::Degraded).then_some(s.message.unwrap_or_default())
+    })
+    .await;
+    assert!(msg.contains("no longer served") && msg.contains("no pod on this node mounts model demo"), "{msg}");
+    eventually("the rollout to count the node staged, not serving", || async {
+        let s = api.get(MODEL).await.ok()?.status?;
+        (s.serving == 0 && s.staged == 1).then_some(())
+    })
+    .await;
+    run.step("the serving pod deleted: Degraded, staged not serving");
     let problems = run.pod_log_problems();
     assert!(problems.is_empty(), "the pods logged errors or a lost lease on the happy path:\n{}", problems.join("\n"));
 
-    run.kubectl(&["delete", "pod", "-n", "restricted", "reader", "--timeout=120s"]);
     run.kubectl(&["delete", "pod", "-n", "default", "csi-waits", "--timeout=120s"]);
     run.kubectl(&["delete", "modelrollouts", "--all", "-A", "--timeout=120s"]);
     run.helm(&["uninstall", RELEASE, "-n", NS, "--wait", "--timeout=120s"]);
@@ -529,7 +585,8 @@ async fn end_to_end(run: &mut Run) {
     .await;
     let crds = run.kubectl(&["get", "crd", "-o", "name"]);
     assert!(crds.contains("modelrollouts.peat.dev"), "helm leaves the CRDs, as documented: {crds}");
-    assert_eq!(std::fs::read(current.join("model.onnx")).expect("the store stays after uninstall (Retain)"), v2[0].1);
+    // 1.0.0: the serving step's last version.
+    assert_eq!(std::fs::read(current.join("model.onnx")).expect("the store stays after uninstall (Retain)"), v1[0].1);
     run.step("uninstalled: pods gone, CRDs and the node's active model stay");
 }
 

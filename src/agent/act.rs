@@ -123,6 +123,18 @@ impl Loop {
                 wall: k8s_openapi::jiff::Timestamp::now(),
             };
             let actions = decide(&known, &mut self.memory);
+            // Every pass reports each active deployment with spec.serving: count them here.
+            let (mut serving, mut staged) = (0, 0);
+            for a in &actions {
+                if let Action::Report(_, Report { serving: Some(s), phase, .. }) = a {
+                    match (s.ready, phase) {
+                        (true, DeploymentPhase::Operational | DeploymentPhase::Degraded) => serving += 1,
+                        _ => staged += 1,
+                    }
+                }
+            }
+            self.agent.metrics.serving.set(serving);
+            self.agent.metrics.staged.set(staged);
             let mut switched = false;
             for action in actions {
                 switched |= matches!(action, Action::SwitchToKept(_));

@@ -371,6 +371,10 @@ fn servers(
                 let Some(pod) = pod else { continue };
                 let status = pod.status.as_ref();
                 let phase = status.and_then(|s| s.phase.clone()).unwrap_or_default();
+                // A pod that ran to its end (a job that read the model) serves nothing, ever.
+                if phase == "Succeeded" || phase == "Failed" || pod.metadata.deletion_timestamp.is_some() {
+                    continue;
+                }
                 let endpoint = match status.and_then(|s| s.pod_ip.clone()) {
                     Some(ip) if phase == "Running" => Ok(host_port(&ip, spec.port)),
                     _ => Err(format!("pod is {}", if phase.is_empty() { "starting" } else { phase.as_str() })),
@@ -427,6 +431,9 @@ pub(super) async fn probe_loop(
                 }
             });
             let mut consumers = futures::future::join_all(probes).await;
+            for latency in consumers.iter().filter_map(|c| c.outcome.as_ref().ok()) {
+                agent.metrics.probe_latency.observe(latency.as_secs_f64());
+            }
             if spec.protocol == ServingProtocol::OpenInference {
                 for c in consumers.iter_mut() {
                     let (Err(why), Some(endpoint)) = (&c.outcome, &c.endpoint) else { continue };

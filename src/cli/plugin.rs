@@ -150,6 +150,13 @@ pub fn render(r: &ModelRollout, deployments: &[ModelDeployment]) -> String {
         st.pending,
         st.failed
     );
+    if r.spec.serving.is_some() {
+        let _ = writeln!(
+            out,
+            "serving {}/{}  staged {} (active on disk, not served: loading, soaking, or the server stopped answering)",
+            st.serving, st.total_nodes, st.staged
+        );
+    }
     if !current {
         // Just after a change (apply, rollback), the status still describes the previous spec.
         let _ =
@@ -192,6 +199,8 @@ pub fn render(r: &ModelRollout, deployments: &[ModelDeployment]) -> String {
         let reason = match (&s.reason, &s.message) {
             (Some(r), Some(m)) => format!("{r}: {m}"),
             (Some(r), None) => r.to_string(),
+            // Loading while a model server is awaited, Degraded: said without a blocker reason.
+            (None, Some(m)) => m.clone(),
             _ => String::new(),
         };
         let _ = writeln!(
@@ -427,6 +436,28 @@ mod tests {
             assert!(err.contains(phase) && err.contains("2 of 4 targets failed"), "{err}");
         }
         assert!(watch_outcome(&rollout(3, 2, "RolledBack")).is_none(), "the end of the previous spec");
+    }
+
+    #[test]
+    fn with_serving_the_screen_counts_served_and_staged_nodes_and_says_what_a_node_waits_for() {
+        let r: ModelRollout = serde_json::from_value(serde_json::json!({
+            "apiVersion": "peat.dev/v1alpha1", "kind": "ModelRollout", "metadata": {"name": "r", "namespace": "ns", "generation": 1},
+            "spec": {"model": "m", "version": "2.0.0", "source": {"repository": "reg/m"}, "scope": {"all": {}},
+                     "serving": {"port": 8080}},
+            "status": {"observedGeneration": 1, "phase": "Progressing", "totalNodes": 2, "converged": 1,
+                       "inProgress": 1, "serving": 1, "staged": 1},
+        }))
+        .unwrap();
+        let md: ModelDeployment = serde_json::from_value(serde_json::json!({
+            "apiVersion": "peat.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": "m.n1", "namespace": "ns"},
+            "spec": {"nodeName": "n1", "model": "m", "version": "2.0.0", "variant": "cpu", "artifact": "reg/m@sha256:a"},
+            "status": {"phase": "Loading", "activeVersion": "2.0.0",
+                       "message": "waiting for the model server to serve version 2.0.0: ns/p: connection refused"},
+        }))
+        .unwrap();
+        let screen = render(&r, &[md]);
+        assert!(screen.contains("serving 1/2  staged 1"), "{screen}");
+        assert!(screen.contains("Loading") && screen.contains("ns/p: connection refused"), "{screen}");
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub failed: Family<RolloutLabels, Gauge>,
     /// Targets in total, per rollout.
     pub total: Family<RolloutLabels, Gauge>,
+    /// Targets whose model server serves the rollout's version, per rollout (with `spec.serving`).
+    pub serving: Family<RolloutLabels, Gauge>,
     /// ModelDeployment writes (applies and deletes) issued.
     pub deployment_writes: Counter,
     /// Status writes issued.
@@ -56,6 +58,7 @@ impl Metrics {
             converged: Family::default(),
             failed: Family::default(),
             total: Family::default(),
+            serving: Family::default(),
             deployment_writes: Counter::default(),
             status_writes: Counter::default(),
             leader: Gauge::default(),
@@ -67,6 +70,11 @@ impl Metrics {
         r.register("rollout_converged_targets", "Targets running the rollout's version", m.converged.clone());
         r.register("rollout_failed_targets", "Targets that failed", m.failed.clone());
         r.register("rollout_targets", "Targets in scope", m.total.clone());
+        r.register(
+            "rollout_serving_targets",
+            "Targets whose model server serves the rollout's version (spec.serving)",
+            m.serving.clone(),
+        );
         r.register("deployment_writes", "ModelDeployment applies and deletes issued", m.deployment_writes.clone());
         r.register("status_writes", "ModelRollout status writes issued", m.status_writes.clone());
         r.register("leader", "1 while this replica holds the lease", m.leader.clone());
@@ -78,5 +86,6 @@ impl Metrics {
         self.converged.remove(labels);
         self.failed.remove(labels);
         self.total.remove(labels);
+        self.serving.remove(labels);
     }
 }

@@ -385,6 +385,7 @@ impl Reconcile<'_> {
         ctx.metrics.converged.get_or_create(&l).set(status.converged as i64);
         ctx.metrics.failed.get_or_create(&l).set(status.failed as i64);
         ctx.metrics.total.get_or_create(&l).set(status.total_nodes as i64);
+        ctx.metrics.serving.get_or_create(&l).set(status.serving as i64);
         if status.phase != prev.phase {
             let type_ = match status.phase {
                 RolloutPhase::Degraded | RolloutPhase::Failed | RolloutPhase::RolledBack => EventType::Warning,

@@ -123,7 +123,9 @@ pub fn serving_state(target_version: &str, deployment: Option<&ModelDeployment>)
     if !(active && staged) {
         return None;
     }
-    Some(status.serving.as_ref().is_some_and(|s| s.ready && s.version == target_version))
+    // Soaking (Loading while ready) is not serving yet: minReadySeconds has not passed.
+    let converged = matches!(status.phase, DeploymentPhase::Operational | DeploymentPhase::Degraded);
+    Some(converged && status.serving.as_ref().is_some_and(|s| s.ready && s.version == target_version))
 }
 
 /// Aggregates the targets of a rollout of `model` at `target_version`.
@@ -307,6 +309,27 @@ mod tests {
 
     fn now() -> Timestamp {
         Timestamp::from_second(1_800_000_000).unwrap()
+    }
+
+    #[test]
+    fn serving_counts_nodes_whose_server_serves_the_target_and_staged_the_rest_with_it_active() {
+        use DeploymentPhase::*;
+        let served = |phase, version: &str, ready| ModelDeploymentStatus {
+            serving: Some(crate::api::ServingStatus { version: version.into(), ready, ..Default::default() }),
+            ..st(phase, Some(version))
+        };
+        let targets: Vec<_> = ["a", "b", "c", "d", "e", "f"].iter().map(|n| target(n)).collect();
+        let mds = vec![
+            md("m", "a", "2.0.0", Some(served(Operational, "2.0.0", true))),
+            md("m", "b", "2.0.0", Some(served(Degraded, "2.0.0", false))), // its server stopped answering
+            md("m", "c", "2.0.0", Some(served(Loading, "2.0.0", true))),   // soaking
+            md("m", "d", "2.0.0", Some(st(Operational, Some("2.0.0")))),   // no spec.serving: staged on disk
+            md("m", "e", "2.0.0", Some(served(Operational, "1.0.0", true))), // still on the old version
+            md("m", "f", "2.0.0", Some(served(Failed, "2.0.0", false))),
+        ];
+        let c = aggregate("m", "2.0.0", &targets, &mds, &[], now());
+        assert_eq!((c.serving, c.staged), (1, 3), "{c:?}");
+        assert_eq!(c.converged, 3, "Operational or Degraded on the target, served or not");
     }
 
     #[test]

@@ -1,6 +1,8 @@
 -- Argo CD health of a peat.dev ModelRollout (Lua 5.1, Argo CD resource customization).
--- Healthy when Converged; Suspended when paused; Degraded on an abort, a rollback or failed
--- targets; Progressing otherwise (including before the controller has seen the latest spec).
+-- Healthy when Converged (and, with spec.serving, every target's model server serves the version);
+-- Suspended when paused; Degraded on an abort, a rollback, failed targets, or converged targets
+-- whose server stopped serving; Progressing otherwise (including before the controller has seen
+-- the latest spec).
 local hs = {}
 
 local function condition(status, type)
@@ -58,6 +60,14 @@ end
 
 local converged = condition(status, "Converged")
 if converged ~= nil and converged.status == "True" then
+  local total = status.totalNodes or 0
+  local serving = status.serving or 0
+  if obj.spec ~= nil and obj.spec.serving ~= nil and serving < total then
+    hs.status = "Degraded"
+    hs.message = tostring(serving) .. "/" .. tostring(total) .. " nodes serving " .. tostring(obj.spec.version)
+      .. "; " .. tostring(status.staged or 0) .. " staged on disk but not served"
+    return hs
+  end
   hs.status = "Healthy"
   hs.message = converged.message or progress(status)
   return hs
