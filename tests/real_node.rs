@@ -13,7 +13,9 @@
 //! 6. `helm upgrade` with changed values;
 //! 7. `spec.serving` through the CSI consumers: a pod serving the volume over HTTP (busybox httpd,
 //!    Pod Security `restricted`) gates Operational through an upgrade; deleted, the node is
-//!    Degraded and counted staged, not serving; then the documented uninstall;
+//!    Degraded and counted staged, not serving;
+//! 8. MLServer (PyPI) in a pod that mounts the model with the CSI driver: the agent has it load
+//!    each version, Operational once it reports that version ready; then the documented uninstall;
 //!
 //! and at the end, the node torn down with nothing left (processes, mounts, cgroups, namespace).
 
@@ -40,6 +42,8 @@ const NODE: &str = "peat-node";
 const NS: &str = "peat-system";
 const RELEASE: &str = "peat";
 const MODEL: &str = "demo";
+/// The model MLServer serves in step 8 (trained here, scikit-learn).
+const IRIS: &str = "iris";
 const MIB: usize = 1 << 20;
 const WAIT: Duration = Duration::from_secs(180);
 
@@ -273,8 +277,77 @@ impl Run {
 
     /// Points the `demo` rollout at `version`.
     fn set_version(&self, version: &str) {
+        self.set_model_version(MODEL, version);
+    }
+
+    /// Points the rollout of `model` at `version`.
+    fn set_model_version(&self, model: &str, version: &str) {
         let patch = format!(r#"{{"spec":{{"version":"{version}"}}}}"#);
-        self.kubectl(&["patch", "mr", MODEL, "-n", "default", "--type=merge", "-p", &patch]);
+        self.kubectl(&["patch", "mr", model, "-n", "default", "--type=merge", "-p", &patch]);
+    }
+
+    /// Waits until the node's deployment of `model` has a status `pred` accepts; its message.
+    async fn md_message(&self, model: &str, pred: impl Fn(&peat::api::ModelDeploymentStatus) -> bool) -> String {
+        let mds: Api<ModelDeployment> = Api::namespaced(self.client.clone(), "default");
+        eventually(&format!("the deployment of {model} in the awaited state"), || async {
+            let md = mds.list(&Default::default()).await.ok()?.items.into_iter().find(|m| m.spec.model == model)?;
+            md.status.filter(|s| pred(s)).map(|s| s.message.unwrap_or_default())
+        })
+        .await
+    }
+
+    /// MLServer in a pod, on port 8080, serving the model `iris` it mounts with the CSI driver at
+    /// /model (its repository: /model/current). The host's Python and MLServer's virtualenv are
+    /// mounted read-only at their own paths, with /usr and the library directories.
+    fn mlserver_pod(&self, pod: &str, python: &Path) {
+        let venv = python.parent().and_then(Path::parent).expect("a virtualenv");
+        let base = Command::new(python).args(["-c", "import sys; print(sys.base_prefix)"]).output().expect("python");
+        let base = String::from_utf8_lossy(&base.stdout).trim().to_string();
+        let mut host_dirs: Vec<String> =
+            vec!["/usr".into(), "/lib".into(), "/lib64".into(), venv.display().to_string()];
+        if !base.starts_with("/usr/") {
+            host_dirs.push(base);
+        }
+        let mut volumes = vec![
+            serde_json::json!({"name": "model", "csi": {"driver": "models.peat.dev", "readOnly": true, "volumeAttributes": {"model": IRIS}}}),
+            serde_json::json!({"name": "tmp", "emptyDir": {}}),
+        ];
+        let mut mounts = vec![
+            serde_json::json!({"name": "model", "mountPath": "/model", "readOnly": true}),
+            serde_json::json!({"name": "tmp", "mountPath": "/tmp"}),
+        ];
+        for (i, dir) in host_dirs.iter().enumerate() {
+            volumes
+                .push(serde_json::json!({"name": format!("host{i}"), "hostPath": {"path": dir, "type": "Directory"}}));
+            mounts.push(serde_json::json!({"name": format!("host{i}"), "mountPath": dir, "readOnly": true}));
+        }
+        let env: Vec<serde_json::Value> = [
+            ("MLSERVER_HTTP_PORT", "8080"),
+            ("MLSERVER_GRPC_PORT", "8081"),
+            ("MLSERVER_METRICS_ENDPOINT", ""),
+            ("MLSERVER_LOAD_MODELS_AT_STARTUP", "false"),
+            ("MLSERVER_PARALLEL_WORKERS", "0"),
+            ("HOME", "/tmp"),
+        ]
+        .iter()
+        .map(|(k, v)| serde_json::json!({"name": k, "value": v}))
+        .collect();
+        self.apply(&serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": pod, "namespace": "default"},
+            "spec": {
+                "terminationGracePeriodSeconds": 1,
+                "containers": [{
+                    "name": "mlserver",
+                    "image": self.cluster.busybox_image,
+                    "command": [venv.join("bin/mlserver").display().to_string(), "start", "/model/current"],
+                    "env": env,
+                    "volumeMounts": mounts,
+                }],
+                "volumes": volumes,
+            },
+        }));
     }
 
     async fn pod_phase(&self, namespace: &str, pod: &str) -> Option<String> {
@@ -308,6 +381,22 @@ impl Run {
             eprintln!("{}", output(cmd, None).1);
         }
     }
+}
+
+/// The version an Open Inference Protocol server at `endpoint` says answered an inference of `iris`.
+async fn infer(endpoint: &str) -> String {
+    let url = format!("http://{endpoint}/v2/models/{IRIS}/infer");
+    let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build().unwrap();
+    let answer = http
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(support::inference_request())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    let text = answer.text().await.expect("an inference answer");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("an inference answer: {text}"));
+    v["model_version"].as_str().unwrap_or_else(|| panic!("a model_version in {v}")).to_string()
 }
 
 /// The host pids of a container's processes (its id is in their cgroup paths).
@@ -573,6 +662,40 @@ async fn end_to_end(run: &mut Run) {
     })
     .await;
     run.step("the serving pod deleted: Degraded, staged not serving");
+
+    // 8. A real Open Inference Protocol server as the consumer: MLServer (PyPI, its scikit-learn
+    // runtime) in a pod that mounts the model with the CSI driver. Its Python comes from the host
+    // (hostPath, read-only): no image of it is built here.
+    let python = support::mlserver_python(&run.cluster.env.binaries.mlserver);
+    for (version, seed) in [("1.0.0", 1), ("2.0.0", 2)] {
+        push(&registry, IRIS, version, &support::trained_model(&python, IRIS, version, seed)).await;
+    }
+    run.rollout(IRIS, IRIS, "1.0.0");
+    let oip = r#"{"spec":{"serving":{"protocol":"OpenInference","port":8080,"readyTimeoutSeconds":120,"minReadySeconds":2}}}"#;
+    run.kubectl(&["patch", "mr", IRIS, "-n", "default", "--type=merge", "-p", oip]);
+    // Active on disk, and Loading because nothing serves it yet (the first probe may not have run).
+    let waiting = run
+        .md_message(IRIS, |s| {
+            s.phase == DeploymentPhase::Loading
+                && s.active_version.as_deref() == Some("1.0.0")
+                && s.message.as_deref().is_some_and(|m| !m.contains("no probe of the model server yet"))
+        })
+        .await;
+    assert!(waiting.contains("no pod on this node mounts model iris"), "{waiting}");
+    run.mlserver_pod("mlserver", &python);
+    let md = run.serving_on(IRIS, "1.0.0").await;
+    let endpoint = md.status.and_then(|s| s.serving).and_then(|s| s.consumers.first()?.endpoint.clone());
+    let endpoint = endpoint.expect("the MLServer pod's endpoint");
+    assert_eq!(infer(&endpoint).await, "1.0.0", "MLServer serves what the agent reported");
+    run.set_model_version(IRIS, "2.0.0");
+    let switched = Instant::now();
+    run.serving_on(IRIS, "2.0.0").await;
+    let served = switched.elapsed();
+    assert_eq!(infer(&endpoint).await, "2.0.0");
+    run.step(&format!(
+        "MLServer in a pod with the CSI volume: loaded and served 1.0.0, then 2.0.0 Operational {served:.1?} after the change (minReadySeconds 2)"
+    ));
+    run.kubectl(&["delete", "pod", "-n", "default", "mlserver", "--timeout=120s"]);
     let problems = run.pod_log_problems();
     assert!(problems.is_empty(), "the pods logged errors or a lost lease on the happy path:\n{}", problems.join("\n"));
 

@@ -22,7 +22,7 @@ use peat::api::{DeploymentPhase, ModelDeployment, ModelRollout, RolloutPhase};
 use peat::oci::push::VariantMeta;
 use peat_testenv::{Lifetime, ManagedProcess, Registry};
 use serde_json::json;
-use support::{AgentProc, create_node, push_files, start_agent};
+use support::{AgentProc, create_node, inference_request, mlserver_python, push_files, start_agent, trained_model};
 
 const T: Duration = Duration::from_secs(90);
 const MODEL: &str = "iris";
@@ -94,11 +94,10 @@ impl Server {
 
     /// The version MLServer says answered an inference request.
     async fn infer(&self) -> String {
-        let body = json!({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 1.0]}]});
         let answer = http()
             .post(self.url(&format!("/v2/models/{MODEL}/infer")))
             .header("content-type", "application/json")
-            .body(body.to_string())
+            .body(inference_request())
             .send()
             .await
             .expect("an inference request");
@@ -181,31 +180,6 @@ impl Drop for SlowLink {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-/// Trains a small scikit-learn model with MLServer's own Python: `model.joblib` and its
-/// `model-settings.json` (name, runtime, version) — what a data scientist pushes.
-fn trained_model(python: &Path, version: &str, seed: u32) -> Vec<(&'static str, Vec<u8>)> {
-    let script = format!(
-        "import io, sys, joblib\n\
-         from sklearn.linear_model import LogisticRegression\n\
-         X = [[0, 0], [1, 1], [0, 1], [1, 0], [{seed}, 1]]\n\
-         y = [0, 1, 1, 0, 1]\n\
-         buf = io.BytesIO(); joblib.dump(LogisticRegression().fit(X, y), buf)\n\
-         sys.stdout.buffer.write(buf.getvalue())\n"
-    );
-    let out = std::process::Command::new(python).args(["-c", &script]).output().expect("running MLServer's python");
-    assert!(out.status.success(), "training a model: {}", String::from_utf8_lossy(&out.stderr));
-    vec![("model.joblib", out.stdout), ("model-settings.json", settings(version))]
-}
-
-fn settings(version: &str) -> Vec<u8> {
-    let s = json!({
-        "name": MODEL,
-        "implementation": "mlserver_sklearn.SKLearnModel",
-        "parameters": {"uri": "./model.joblib", "version": version},
-    });
-    serde_json::to_vec_pretty(&s).unwrap()
 }
 
 fn cpu() -> VariantMeta {
@@ -328,7 +302,7 @@ async fn operational_means_served_by_a_real_open_inference_server() {
     controller.wait_leading(T).await;
     let dir = ctx.env.dir.join(&ctx.ns);
     let registry = Registry::start(&ctx.env.binaries.registry, &dir.join("registry")).await.expect("a registry");
-    let python = ctx.env.binaries.mlserver.with_file_name("python");
+    let python = mlserver_python(&ctx.env.binaries.mlserver);
     let repo = format!("{}/models/{MODEL}", registry.addr);
 
     // Node 0's server is reached through a slow link (latency can be injected); node 1's directly.
@@ -363,7 +337,7 @@ async fn operational_means_served_by_a_real_open_inference_server() {
     // 1.0.0: active on disk, but no server yet — Loading, saying why; then the servers start
     // (loading nothing by themselves), the agents ask them to load it, and only then Operational.
     for (version, seed) in [("1.0.0", 1), ("2.0.0", 2), ("3.0.0", 3)] {
-        push_files(&repo, version, cpu(), &trained_model(&python, version, seed)).await;
+        push_files(&repo, version, cpu(), &trained_model(&python, MODEL, version, seed)).await;
     }
     fleet.apply("1.0.0", serving(0, 120)).await;
     for i in 0..2 {
@@ -452,7 +426,7 @@ async fn operational_means_served_by_a_real_open_inference_server() {
 
     // 4.0.0: a file the server cannot load, with digests that are right. Failed on both nodes →
     // more than failureThreshold 1 → abort → auto-rollback to 3.0.0, which the servers serve.
-    let mut corrupt = trained_model(&python, "4.0.0", 4);
+    let mut corrupt = trained_model(&python, MODEL, "4.0.0", 4);
     corrupt[0].1 = b"not a model, digests notwithstanding".repeat(64);
     push_files(&repo, "4.0.0", cpu(), &corrupt).await;
     fleet.apply("4.0.0", serving(3, 8)).await;
