@@ -631,9 +631,17 @@ async fn end_to_end(run: &mut Run) {
     // 7. Serving through the CSI consumers: a pod that mounts the model and serves it over HTTP
     // (busybox httpd on the volume, under Pod Security restricted) gates Operational.
     run.kubectl(&["delete", "pod", "-n", "restricted", "reader", "--timeout=120s"]);
-    run.csi_pod("server", "restricted", "exec /bin/busybox httpd -f -p 8080 -h /model", "Always");
     let serving = r#"{"spec":{"serving":{"protocol":"HttpGet","endpoint":"Consumers","port":8080,"path":"/{version}/model.onnx","readyTimeoutSeconds":60}}}"#;
     run.kubectl(&["patch", "mr", MODEL, "-n", "default", "--type=merge", "-p", serving]);
+    // Staged, not served: no pod serves it yet (the one that read it ran to its end).
+    let waiting = run
+        .md_message(MODEL, |s| {
+            s.phase == DeploymentPhase::Loading
+                && s.message.as_deref().is_some_and(|m| m.contains("no pod on this node mounts model demo"))
+        })
+        .await;
+    assert!(waiting.contains("waiting for the model server to serve version 2.0.0"), "{waiting}");
+    run.csi_pod("server", "restricted", "exec /bin/busybox httpd -f -p 8080 -h /model", "Always");
     let md = run.serving_on(MODEL, "2.0.0").await;
     let consumers = md.status.and_then(|s| s.serving).map(|s| s.consumers).unwrap_or_default();
     assert_eq!(consumers.len(), 1, "the one serving pod (the reader went): {consumers:?}");

@@ -139,12 +139,8 @@ impl Node for Driver {
         };
         let pod = req.volume_context.get("csi.storage.k8s.io/pod.name").cloned().unwrap_or_default();
         let namespace = req.volume_context.get("csi.storage.k8s.io/pod.namespace").cloned().unwrap_or_default();
-        if is_mounted(&target) {
-            return Ok(Response::new(NodePublishVolumeResponse {}));
-        }
-        std::fs::create_dir_all(&target)
-            .map_err(|e| Status::internal(format!("creating {}: {e}", target.display())))?;
-        // Recorded before the mount: a consumer the agent does not know is never probed.
+        // Recorded before the mount (and again for a mount of an earlier agent): a consumer the
+        // agent does not know is never probed.
         let uid = req.volume_context.get("csi.storage.k8s.io/pod.uid").cloned().unwrap_or_default();
         let consumer = Consumer {
             volume_id: req.volume_id.clone(),
@@ -154,6 +150,11 @@ impl Node for Driver {
             uid,
         };
         self.agent.consumers.add(consumer).map_err(|e| Status::internal(format!("recording the consumer: {e}")))?;
+        if is_mounted(&target) {
+            return Ok(Response::new(NodePublishVolumeResponse {}));
+        }
+        std::fs::create_dir_all(&target)
+            .map_err(|e| Status::internal(format!("creating {}: {e}", target.display())))?;
         bind_read_only(&store.model_dir(model), &target)?;
         info!(model, active, pod = %format!("{namespace}/{pod}"), target = %target.display(), "model volume mounted");
         Ok(Response::new(NodePublishVolumeResponse {}))

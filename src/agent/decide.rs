@@ -337,6 +337,22 @@ fn settle(
             );
         };
         // Active on disk; Operational only once the node's model server serves it.
+        if t.serving.is_none()
+            && let Some(s) = &md.status
+            && s.active_version.as_deref() == Some(spec.version.as_str())
+            && let Some(served) = s.serving.as_ref().filter(|v| v.version == spec.version)
+        {
+            // An agent that restarted goes on from the status it wrote: served stays served
+            // (a slow server after a reboot is Degraded, not Failed), and a failure stays.
+            t.serving = Track::resumed(&spec.version, s.phase, served, now);
+            if s.phase == DeploymentPhase::Failed && s.reason == Some(BlockerReason::DeploymentFailed) {
+                t.failed = Some((BlockerReason::DeploymentFailed, s.message.clone().unwrap_or_default()));
+            }
+        }
+        if observation.is_none() && t.failed.is_none() {
+            // No probe since this agent started: the status stands (Loading, written at activation).
+            return (Settled::Active, None);
+        }
         let a = assess(&spec.model, serving, &spec.version, &mut t.serving, observation, now, wall);
         if let Some((reason, message)) = t.failed.clone() {
             let report =

@@ -51,7 +51,7 @@ pub(super) async fn write_status(agent: &Agent, md: &ModelDeployment, report: &R
         "previousVersions": previous,
         "lastHeartbeat": Time(Timestamp::now()),
         "observedGeneration": md.metadata.generation,
-        "serving": report.serving,
+        "serving": serving_patch(report.serving.as_ref()),
     });
     if let Some(b) = report.bytes {
         status["bytesDone"] = b.fetched.into();
@@ -65,6 +65,21 @@ pub(super) async fn write_status(agent: &Agent, md: &ModelDeployment, report: &R
         Ok(_) => debug!(md = %key_of(md), phase = ?report.phase, "status written"),
         Err(e) => warn!(md = %key_of(md), error = %e, "writing status failed"),
     }
+}
+
+/// The serving section as a merge patch: fields that are absent now are nulled (a merge patch
+/// keeps what it does not name), the consumers list is replaced whole.
+fn serving_patch(serving: Option<&crate::api::ServingStatus>) -> serde_json::Value {
+    let Some(s) = serving else { return serde_json::Value::Null };
+    let mut v = serde_json::to_value(s).expect("a serving status serializes");
+    for (field, empty) in [
+        ("since", serde_json::Value::Null),
+        ("latencyMilliseconds", serde_json::Value::Null),
+        ("consumers", serde_json::json!([])),
+    ] {
+        v.as_object_mut().expect("an object").entry(field).or_insert(empty);
+    }
+    v
 }
 
 /// Creates the node's ModelNode (owned by the Node when it exists, so it goes with it).

@@ -32,7 +32,7 @@ use crate::api::{
 
 /// Consumers listed in a status (the count is not bounded, the list is).
 pub const MAX_LISTED_CONSUMERS: usize = 16;
-/// Least time between two load requests of one version to one server.
+/// Least time between two load requests of one version to one server (doubling per refusal).
 const LOAD_RETRY: Duration = Duration::from_secs(5);
 /// A probe's latency in the status is refreshed at least this often while nothing else changes
 /// (every probe would be a status write per second per node).
@@ -130,6 +130,8 @@ pub struct ConsumerProbe {
 /// What the prober saw of one deployment's servers, for one version.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Observation {
+    /// The prober's round: the same observation seen by two passes counts once.
+    pub round: u64,
     /// The version probed (the active one).
     pub version: String,
     /// Each server probed; empty when there is none.
@@ -138,21 +140,62 @@ pub struct Observation {
     pub none_because: Option<String>,
 }
 
+/// Probes in a row it takes to call a server that served slow or gone, or a slow one fast again:
+/// one late answer (a pause, a busy node) is no change of state.
+pub const STREAK: u32 = 3;
+
 /// What the agent remembers of one deployment's serving between passes.
 #[derive(Clone, Debug)]
 pub struct Track {
     /// The version it is about; another version starts afresh.
     pub version: String,
-    /// When the version was first seen active (the start of `readyTimeoutSeconds`).
+    /// When this agent first saw the version active (the start of `readyTimeoutSeconds`).
     pub activated: Instant,
     /// Since when every server has answered ready, continuously.
     pub ready_since: Option<Instant>,
     /// Whether it was Operational once (then not-ready is Degraded, not Failed).
     pub operational: bool,
-    /// The last `ready` value reported, and since when (wall clock, for the status).
+    /// The last probe round counted.
+    pub round: u64,
+    /// Rounds in a row: not all ready; ready but slow; ready and fast.
+    pub streaks: (u32, u32, u32),
+    /// Slow, as of the streaks (Degraded while Operational).
+    pub slow: bool,
+    /// The `ready` value last reported, and since when (wall clock, whole seconds: as stored).
     pub ready: Option<(bool, Timestamp)>,
     /// The phase and latency last shown in the status, and when.
     pub shown: Option<(DeploymentPhase, Option<i64>, Instant)>,
+    /// The last verdict, kept while a server that served misses fewer than [`STREAK`] probes.
+    pub last: Option<Assessment>,
+}
+
+impl Track {
+    fn new(version: &str, now: Instant) -> Track {
+        Track {
+            version: version.to_string(),
+            activated: now,
+            ready_since: None,
+            operational: false,
+            round: 0,
+            streaks: (0, 0, 0),
+            slow: false,
+            ready: None,
+            shown: None,
+            last: None,
+        }
+    }
+
+    /// What an agent that restarted knows from the status it wrote before: the version served
+    /// (Operational or Degraded), so a server slow to answer after a reboot is Degraded, not Failed.
+    pub fn resumed(version: &str, phase: DeploymentPhase, status: &ServingStatus, now: Instant) -> Option<Track> {
+        let served = matches!(phase, DeploymentPhase::Operational | DeploymentPhase::Degraded);
+        (served && status.version == version).then(|| Track {
+            operational: true,
+            ready: status.since.as_ref().map(|t| (status.ready, t.0)),
+            shown: Some((phase, status.latency_milliseconds, now)),
+            ..Track::new(version, now)
+        })
+    }
 }
 
 /// The verdict of one pass on a deployment whose version is active.
@@ -171,7 +214,7 @@ fn millis(d: Duration) -> i64 {
 }
 
 /// Judges the servers of `model` at `version` (active on the node) from the latest `observation`.
-/// `track` carries the soak, the timeout's start and the transitions between passes.
+/// `track` carries the soak, the timeout's start, the streaks and the transitions between passes.
 pub fn assess(
     model: &str,
     spec: &ServingSpec,
@@ -182,20 +225,38 @@ pub fn assess(
     wall: Timestamp,
 ) -> Assessment {
     if track.as_ref().is_none_or(|t| t.version != version) {
-        *track = Some(Track {
-            version: version.to_string(),
-            activated: now,
-            ready_since: None,
-            operational: false,
-            ready: None,
-            shown: None,
-        });
+        *track = Some(Track::new(version, now));
     }
     let t = track.as_mut().expect("set above");
     let observation = observation.filter(|o| o.version == version);
     let consumers = observation.map_or(&[][..], |o| &o.consumers[..]);
     let all_ready = !consumers.is_empty() && consumers.iter().all(|c| c.outcome.is_ok());
     let latency = consumers.iter().filter_map(|c| c.outcome.as_ref().ok()).max().copied();
+    let measured = latency.map(millis);
+    let slow = measured.zip(spec.degraded_latency_milliseconds).is_some_and(|(l, limit)| l > i64::from(limit));
+    if let Some(o) = observation.filter(|o| o.round != t.round) {
+        t.round = o.round;
+        let (failing, slows, fasts) = t.streaks;
+        t.streaks = match (all_ready, slow) {
+            (false, _) => (failing + 1, 0, 0),
+            (true, true) => (0, slows + 1, 0),
+            (true, false) => (0, 0, fasts + 1),
+        };
+        if t.streaks.1 >= STREAK || (slow && !t.operational) {
+            t.slow = true;
+        }
+        if t.streaks.2 >= STREAK || (!slow && !t.operational) {
+            t.slow = false;
+        }
+    }
+    // A server that served and misses a probe or two: nothing changes yet.
+    if !all_ready
+        && t.operational
+        && t.streaks.0 < STREAK
+        && let Some(last) = &t.last
+    {
+        return last.clone();
+    }
     let why_not = match observation {
         None => "no probe of the model server yet".to_string(),
         Some(o) if o.consumers.is_empty() => o.none_because.clone().unwrap_or_else(|| "no model server".into()),
@@ -205,8 +266,6 @@ pub fn assess(
             .find_map(|c| c.outcome.as_ref().err().map(|e| format!("{}: {e}", c.name)))
             .unwrap_or_default(),
     };
-    let measured = latency.map(millis);
-    let slow = measured.zip(spec.degraded_latency_milliseconds).is_some_and(|(l, limit)| l > i64::from(limit));
     let (phase, message) = if all_ready {
         let since = *t.ready_since.get_or_insert(now);
         let soak = Duration::from_secs(spec.min_ready_seconds.max(0) as u64);
@@ -219,7 +278,7 @@ pub fn assess(
             (DeploymentPhase::Loading, Some(msg))
         } else {
             t.operational = true;
-            if slow { (DeploymentPhase::Degraded, None) } else { (DeploymentPhase::Operational, None) }
+            if t.slow { (DeploymentPhase::Degraded, None) } else { (DeploymentPhase::Operational, None) }
         }
     } else {
         t.ready_since = None;
@@ -240,7 +299,8 @@ pub fn assess(
         }
     };
     if t.ready.is_none_or(|(r, _)| r != all_ready) {
-        t.ready = Some((all_ready, wall));
+        // Whole seconds, as the API stores a Time: the status written reads back equal.
+        t.ready = Some((all_ready, Timestamp::from_second(wall.as_second()).unwrap_or(wall)));
     }
     // The latency shown (in the status and a Degraded message) moves with the phase, else at most
     // every LATENCY_REFRESH: every probe would be a status write per second per node.
@@ -275,7 +335,9 @@ pub fn assess(
         latency_milliseconds: shown,
         consumers: listed,
     };
-    Assessment { phase, message, status }
+    let verdict = Assessment { phase, message, status };
+    t.last = Some(verdict.clone());
+    verdict
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -289,6 +351,15 @@ struct Load {
     task: Option<tokio::task::JoinHandle<Result<(), String>>>,
     at: Instant,
     error: Option<String>,
+    /// Refused in a row.
+    failures: u32,
+}
+
+impl Load {
+    /// Least time from the last answer to the next request: 5 s, doubling per refusal, at most 2 min.
+    fn retry_after(&self) -> Duration {
+        (LOAD_RETRY * 2u32.saturating_pow(self.failures.saturating_sub(1))).min(Duration::from_secs(120))
+    }
 }
 
 /// The error of a request, with its causes (reqwest's own text stops at "error sending request").
@@ -363,24 +434,52 @@ fn servers(
                     "serving.endpoint Consumers needs the CSI driver (peat agent --csi-kubelet-dir); none runs here";
                 return (Vec::new(), Some(why.into()));
             };
-            let mut out = Vec::new();
-            for c in agent.consumers.of_model(model) {
-                let name = format!("{}/{}", c.namespace, c.pod);
-                let pod = pods.state().into_iter().find(|p| p.uid().as_deref() == Some(c.uid.as_str()));
-                // A pod gone from the node's cache is no consumer (its unpublish follows).
-                let Some(pod) = pod else { continue };
+            // (name, endpoint or why not, declares the serving port)
+            let mut found: Vec<(String, Result<String, String>, bool)> = Vec::new();
+            // The pods that mounted the model (recorded at publish), and those whose spec names it
+            // (mounted before this agent recorded mounts, or about to mount it).
+            let recorded: std::collections::HashSet<String> =
+                agent.consumers.of_model(model).into_iter().map(|c| c.uid).collect();
+            for pod in pods.state() {
+                let named = pod.spec.as_ref().is_some_and(|s| {
+                    s.volumes.iter().flatten().filter_map(|v| v.csi.as_ref()).any(|c| {
+                        c.driver == super::csi::DRIVER
+                            && c.volume_attributes.as_ref().and_then(|a| a.get(super::csi::MODEL_ATTRIBUTE))
+                                == Some(model)
+                    })
+                });
+                if !named && !pod.uid().is_some_and(|u| recorded.contains(&u)) {
+                    continue;
+                }
+                let name = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
                 let status = pod.status.as_ref();
                 let phase = status.and_then(|s| s.phase.clone()).unwrap_or_default();
                 // A pod that ran to its end (a job that read the model) serves nothing, ever.
                 if phase == "Succeeded" || phase == "Failed" || pod.metadata.deletion_timestamp.is_some() {
                     continue;
                 }
+                let declares = pod.spec.as_ref().is_some_and(|s| {
+                    s.containers.iter().flat_map(|c| c.ports.iter().flatten()).any(|p| p.container_port == spec.port)
+                });
                 let endpoint = match status.and_then(|s| s.pod_ip.clone()) {
                     Some(ip) if phase == "Running" => Ok(host_port(&ip, spec.port)),
                     _ => Err(format!("pod is {}", if phase.is_empty() { "starting" } else { phase.as_str() })),
                 };
-                out.push((name, endpoint));
+                found.push((name, endpoint, declares));
             }
+            // A stable order (the cache's is not): the status lists them, and must not churn.
+            found.sort_by(|a, b| a.0.cmp(&b.0));
+            // The servers: the running pods that declare the port when some do (a job or a debug
+            // pod reading the model is then no server), else every running one; pods still
+            // starting (a rolling restart's new pod) count only while none runs.
+            let running = |f: &&(String, Result<String, String>, bool)| f.1.is_ok();
+            let declaring = found.iter().filter(running).any(|f| f.2);
+            let chosen: Vec<&(String, Result<String, String>, bool)> = if found.iter().any(|f| f.1.is_ok()) {
+                found.iter().filter(running).filter(|f| f.2 || !declaring).collect()
+            } else {
+                found.iter().collect()
+            };
+            let out: Vec<Server> = chosen.into_iter().map(|(n, e, _)| (n.clone(), e.clone())).collect();
             let why = out.is_empty().then(|| {
                 format!(
                     "no pod on this node mounts model {model} (a CSI volume of driver {} with volumeAttributes.model: {model})",
@@ -401,8 +500,18 @@ pub(super) async fn probe_loop(
     wakes: mpsc::UnboundedSender<Wake>,
 ) {
     let http = reqwest::Client::builder().no_proxy().build().expect("an HTTP client without TLS builds");
-    let mut loads: HashMap<(String, String, String), Load> = HashMap::new();
+    // By (model, server, endpoint, version): one server may serve several models.
+    let mut loads: HashMap<(String, String, String, String), Load> = HashMap::new();
+    // The consumers' addresses come from the node's pods: none is judged before their first list.
+    if let Some(pods) = &pods
+        && pods.wait_until_ready().await.is_err()
+    {
+        warn!("the watch of the node's pods ended before its first list: consumers cannot be probed");
+        return;
+    }
+    let mut round: u64 = 0;
     loop {
+        round += 1;
         let mut seen: HashMap<String, Observation> = HashMap::new();
         let mut wanted_loads = Vec::new();
         let deployments = cache.state();
@@ -437,45 +546,57 @@ pub(super) async fn probe_loop(
             if spec.protocol == ServingProtocol::OpenInference {
                 for c in consumers.iter_mut() {
                     let (Err(why), Some(endpoint)) = (&c.outcome, &c.endpoint) else { continue };
-                    let id = (c.name.clone(), endpoint.clone(), version.clone());
+                    let id = (model.clone(), c.name.clone(), endpoint.clone(), version.clone());
                     let load = loads.get(&id);
                     if let Some(error) = load.and_then(|l| l.error.as_ref()) {
                         c.outcome = Err(format!("loading version {version}: {error} (then {why})"));
                     }
-                    let busy = load.is_some_and(|l| l.task.is_some() || l.at.elapsed() < LOAD_RETRY);
+                    // Refused loads are retried less and less often (5 s, 10 s, … up to 2 min).
+                    let busy = load.is_some_and(|l| l.task.is_some() || l.at.elapsed() < l.retry_after());
                     if !busy {
-                        wanted_loads.push((
-                            id,
-                            model.clone(),
-                            Duration::from_secs(spec.ready_timeout_seconds.max(1) as u64),
-                        ));
+                        wanted_loads.push((id, Duration::from_secs(spec.ready_timeout_seconds.max(1) as u64)));
                     }
                 }
             }
-            seen.insert(key_of(md), Observation { version: version.clone(), consumers, none_because });
+            seen.insert(key_of(md), Observation { round, version: version.clone(), consumers, none_because });
         }
-        for ((name, endpoint, version), model, timeout) in wanted_loads {
+        for (id, timeout) in wanted_loads {
+            let (model, name, endpoint, version) = &id;
             info!(%model, %version, server = %name, %endpoint, "asking the model server to load the model");
-            let task = tokio::spawn(load(http.clone(), format!("http://{endpoint}"), model, timeout));
-            let previous = loads.remove(&(name.clone(), endpoint.clone(), version.clone()));
-            let error = previous.and_then(|l| l.error);
-            loads.insert((name, endpoint, version), Load { task: Some(task), at: Instant::now(), error });
+            let task = tokio::spawn(load(http.clone(), format!("http://{endpoint}"), model.clone(), timeout));
+            let (error, failures) = loads.remove(&id).map_or((None, 0), |l| (l.error, l.failures));
+            loads.insert(id, Load { task: Some(task), at: Instant::now(), error, failures });
         }
-        for ((name, _, version), l) in loads.iter_mut() {
+        for ((model, name, _, version), l) in loads.iter_mut() {
             if l.task.as_ref().is_some_and(|t| t.is_finished()) {
                 let result = l.task.take().expect("checked").await.unwrap_or_else(|e| Err(e.to_string()));
                 match &result {
-                    Ok(()) => debug!(server = %name, %version, "the model server loaded the model"),
-                    Err(e) => warn!(server = %name, %version, error = %e, "the model server did not load the model"),
+                    Ok(()) => debug!(%model, server = %name, %version, "the model server loaded the model"),
+                    Err(e) => {
+                        warn!(%model, server = %name, %version, error = %e, "the model server did not load the model")
+                    }
                 }
+                l.failures = if result.is_ok() { 0 } else { l.failures + 1 };
                 l.error = result.err();
                 l.at = Instant::now();
             }
         }
-        // Loads of versions no longer probed are forgotten (a later return loads again).
-        let probed: Vec<(String, String)> =
-            seen.values().flat_map(|o| o.consumers.iter().map(|c| (c.name.clone(), o.version.clone()))).collect();
-        loads.retain(|(name, _, version), l| l.task.is_some() || probed.contains(&(name.clone(), version.clone())));
+        // Loads no longer probed are forgotten (a later return loads again).
+        let probed: std::collections::HashSet<(&str, &str, &str, &str)> = seen
+            .iter()
+            .filter_map(|(key, o)| {
+                let md = deployments.iter().find(|m| key_of(m) == *key)?;
+                Some((md.spec.model.as_str(), o))
+            })
+            .flat_map(|(model, o)| {
+                o.consumers
+                    .iter()
+                    .filter_map(move |c| Some((model, c.name.as_str(), c.endpoint.as_deref()?, o.version.as_str())))
+            })
+            .collect();
+        loads.retain(|(m, n, e, v), l| {
+            l.task.is_some() || probed.contains(&(m.as_str(), n.as_str(), e.as_str(), v.as_str()))
+        });
         let changed = {
             let mut shared = agent.serving.lock().expect("serving lock");
             let changed = *shared != seen;

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 /// How the model's server is asked whether it serves a version.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
 pub enum ServingProtocol {
-    /// The KServe Open Inference Protocol (V2), as MLServer, Triton and KServe runtimes speak it:
+    /// The KServe Open Inference Protocol (V2), as MLServer and KServe runtimes speak it:
     /// after activation the agent asks the server to load the model (`POST
     /// /v2/repository/models/{model}/load`), then waits for `GET /v2/models/{model}/versions/{version}/ready`
     /// to answer 200 — the server itself reports the version it serves.
@@ -23,7 +23,8 @@ pub enum ServingProtocol {
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
 pub enum ServingEndpoint {
     /// The pods on the node that mount the model through the CSI volume (`models.peat.dev`): each
-    /// one is probed at its pod IP and `port`. No such pod, no serving.
+    /// running one is probed at its pod IP and `port` (only those declaring `port` as a
+    /// containerPort, when some do). No such pod, no serving.
     #[default]
     Consumers,
     /// A server outside Kubernetes on the node's host network (a Triton or DeepStream service on a

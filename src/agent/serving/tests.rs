@@ -14,8 +14,11 @@ fn spec(min_ready: i32, timeout: i32, degraded: Option<i32>) -> ServingSpec {
     }
 }
 
+/// A new probe round each call.
 fn seen(version: &str, outcome: Result<u64, &str>) -> Observation {
+    static ROUND: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     Observation {
+        round: ROUND.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         version: version.into(),
         consumers: vec![ConsumerProbe {
             name: "host".into(),
@@ -95,6 +98,7 @@ fn no_consumer_is_not_serving_and_says_why() {
     let s = spec(0, 5, None);
     let mut c = Clock::new();
     let none = Observation {
+        round: 1,
         version: "1.0.0".into(),
         consumers: vec![],
         none_because: Some("no pod on this node mounts model iris".into()),
@@ -106,17 +110,20 @@ fn no_consumer_is_not_serving_and_says_why() {
 }
 
 #[test]
-fn a_server_that_served_and_stops_answering_is_degraded_not_failed_and_recovers() {
+fn a_server_that_served_and_stops_answering_is_degraded_after_three_probes_not_failed_and_recovers() {
     let s = spec(0, 5, None);
     let mut c = Clock::new();
-    assert_eq!(c.at(0, &s, "1.0.0", Some(&seen("1.0.0", Ok(4)))).phase, DeploymentPhase::Operational);
-    let gone = seen("1.0.0", Err("error sending request: connection refused"));
-    for t in [1, 10, 100] {
-        let a = c.at(t, &s, "1.0.0", Some(&gone));
+    let served = c.at(0, &s, "1.0.0", Some(&seen("1.0.0", Ok(4))));
+    assert_eq!(served.phase, DeploymentPhase::Operational);
+    let gone = || seen("1.0.0", Err("error sending request: connection refused"));
+    // One or two missed probes change nothing (not even the status: nothing to write).
+    assert_eq!(c.at(1, &s, "1.0.0", Some(&gone())), served);
+    assert_eq!(c.at(2, &s, "1.0.0", Some(&gone())), served);
+    for t in [3, 10, 100] {
+        let a = c.at(t, &s, "1.0.0", Some(&gone()));
         assert_eq!(a.phase, DeploymentPhase::Degraded, "at {t}s");
-        assert!(
-            a.message.as_deref().unwrap().contains("no longer served: host: error sending request: connection refused")
-        );
+        let m = a.message.as_deref().unwrap();
+        assert!(m.contains("no longer served: host: error sending request: connection refused"), "{m}");
         assert!(!a.status.ready);
         assert_eq!(a.status.consumers[0].message.as_deref(), Some("error sending request: connection refused"));
     }
@@ -124,11 +131,24 @@ fn a_server_that_served_and_stops_answering_is_degraded_not_failed_and_recovers(
 }
 
 #[test]
-fn slow_answers_degrade_and_fast_ones_restore() {
+fn one_observation_seen_by_several_passes_counts_once() {
+    let s = spec(0, 300, None);
+    let mut c = Clock::new();
+    assert_eq!(c.at(0, &s, "1.0.0", Some(&seen("1.0.0", Ok(4)))).phase, DeploymentPhase::Operational);
+    let gone = seen("1.0.0", Err("connection refused"));
+    for t in 1..10 {
+        assert_eq!(c.at(t, &s, "1.0.0", Some(&gone)).phase, DeploymentPhase::Operational, "one round, pass {t}");
+    }
+}
+
+#[test]
+fn slow_answers_degrade_after_three_probes_and_three_fast_ones_restore() {
     let s = spec(0, 300, Some(100));
     let mut c = Clock::new();
     assert_eq!(c.at(0, &s, "1.0.0", Some(&seen("1.0.0", Ok(20)))).phase, DeploymentPhase::Operational);
-    let a = c.at(1, &s, "1.0.0", Some(&seen("1.0.0", Ok(250))));
+    assert_eq!(c.at(1, &s, "1.0.0", Some(&seen("1.0.0", Ok(250)))).phase, DeploymentPhase::Operational);
+    assert_eq!(c.at(2, &s, "1.0.0", Some(&seen("1.0.0", Ok(250)))).phase, DeploymentPhase::Operational);
+    let a = c.at(3, &s, "1.0.0", Some(&seen("1.0.0", Ok(250))));
     assert_eq!(a.phase, DeploymentPhase::Degraded);
     assert_eq!(
         a.message.as_deref(),
@@ -136,7 +156,9 @@ fn slow_answers_degrade_and_fast_ones_restore() {
     );
     assert_eq!(a.status.latency_milliseconds, Some(250));
     assert!(a.status.ready, "slow is still ready");
-    assert_eq!(c.at(2, &s, "1.0.0", Some(&seen("1.0.0", Ok(30)))).phase, DeploymentPhase::Operational);
+    assert_eq!(c.at(4, &s, "1.0.0", Some(&seen("1.0.0", Ok(30)))).phase, DeploymentPhase::Degraded);
+    assert_eq!(c.at(5, &s, "1.0.0", Some(&seen("1.0.0", Ok(30)))).phase, DeploymentPhase::Degraded);
+    assert_eq!(c.at(6, &s, "1.0.0", Some(&seen("1.0.0", Ok(30)))).phase, DeploymentPhase::Operational);
 }
 
 #[test]
@@ -146,11 +168,54 @@ fn the_latency_shown_moves_with_the_phase_or_every_thirty_seconds_not_every_prob
     let first = c.at(0, &s, "1.0.0", Some(&seen("1.0.0", Ok(20))));
     let next = c.at(1, &s, "1.0.0", Some(&seen("1.0.0", Ok(23))));
     assert_eq!(first, next, "a new latency alone changes nothing to write");
-    let slow = c.at(2, &s, "1.0.0", Some(&seen("1.0.0", Ok(300))));
-    let slower = c.at(3, &s, "1.0.0", Some(&seen("1.0.0", Ok(320))));
+    for t in 2..5 {
+        c.at(t, &s, "1.0.0", Some(&seen("1.0.0", Ok(300))));
+    }
+    let slow = c.at(5, &s, "1.0.0", Some(&seen("1.0.0", Ok(310))));
+    let slower = c.at(6, &s, "1.0.0", Some(&seen("1.0.0", Ok(320))));
+    assert_eq!(slow.phase, DeploymentPhase::Degraded);
     assert_eq!(slow, slower, "nor while Degraded");
-    let later = c.at(33, &s, "1.0.0", Some(&seen("1.0.0", Ok(330))));
+    let later = c.at(40, &s, "1.0.0", Some(&seen("1.0.0", Ok(330))));
     assert_eq!(later.status.latency_milliseconds, Some(330));
+}
+
+#[test]
+fn an_agent_that_restarts_goes_on_from_what_it_reported() {
+    let s = spec(0, 5, None);
+    let reported = ServingStatus {
+        version: "1.0.0".into(),
+        ready: true,
+        since: Some(Time(Timestamp::from_second(1_000_000).unwrap())),
+        latency_milliseconds: Some(4),
+        consumers: vec![],
+    };
+    let start = Instant::now();
+    let mut track = Track::resumed("1.0.0", DeploymentPhase::Operational, &reported, start);
+    assert!(track.is_some());
+    assert!(Track::resumed("1.0.0", DeploymentPhase::Loading, &reported, start).is_none(), "not served yet");
+    assert!(Track::resumed("2.0.0", DeploymentPhase::Operational, &reported, start).is_none(), "another version");
+    // Its server is slow to come back after a reboot, past readyTimeoutSeconds: Degraded, not Failed.
+    let mut last = None;
+    for t in 1..20 {
+        let wall = Timestamp::from_second(1_000_000 + t).unwrap();
+        let o = seen("1.0.0", Err("connection refused"));
+        let at = start + Duration::from_secs(t as u64);
+        last = Some(assess("iris", &s, "1.0.0", &mut track, Some(&o), at, wall).phase);
+    }
+    assert_eq!(last, Some(DeploymentPhase::Degraded));
+}
+
+#[test]
+fn the_status_reads_back_equal_to_what_was_written() {
+    // Written with a wall clock to the nanosecond, read back as the API stores it: equal, or
+    // every pass would write again.
+    let s = spec(0, 300, None);
+    let mut track = None;
+    let wall = Timestamp::from_second(1_000_000).unwrap() + std::time::Duration::from_nanos(123_456_789);
+    let a = assess("iris", &s, "1.0.0", &mut track, Some(&seen("1.0.0", Ok(4))), Instant::now(), wall);
+    let text = serde_json::to_string(&a.status).unwrap();
+    let back: ServingStatus = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, a.status, "{text}");
 }
 
 #[test]
