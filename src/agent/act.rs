@@ -13,11 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::context::Agent;
-use super::decide::{
-    Action, Bytes, Known, Memory, Report, RunningTransfer, StopReason, Verdict, decide, key_of, on_finished,
-    on_switched,
-};
+use super::decide::{Action, Bytes, Known, Memory, Report, RunningTransfer, StopReason, decide, key_of};
 use super::metrics::ResultLabels;
+use super::outcome::{Verdict, on_finished, on_switched};
 use super::report::{apply_node_labels, write_status};
 use super::store::VersionRecord;
 use super::transfer::{self, Progress, PullPlan, Transfer, TransferError};

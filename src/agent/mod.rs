@@ -15,6 +15,8 @@ pub mod decide;
 pub mod metrics;
 mod node;
 pub mod options;
+pub mod outcome;
+mod probe;
 mod report;
 pub mod serving;
 pub mod store;
@@ -131,7 +133,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         }
         None => (None, None),
     };
-    let prober = tokio::spawn(serving::probe_loop(agent.clone(), cache.clone(), pods, events_tx.clone()));
+    let prober = tokio::spawn(probe::probe_loop(agent.clone(), cache.clone(), pods, events_tx.clone()));
     cache.wait_until_ready().await?;
     ready.store(true, Ordering::Release);
     info!("initial list complete: ready");

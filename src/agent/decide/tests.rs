@@ -8,8 +8,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 use super::*;
+use crate::agent::outcome::{Verdict, on_finished};
 use crate::agent::store::{FileRecord, VersionRecord};
 use crate::agent::transfer::FileLayer;
+use crate::agent::transfer::TransferError;
 use crate::api::{ModelDeploymentSpec, ModelDeploymentStatus};
 use crate::oci::OciError;
 

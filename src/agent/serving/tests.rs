@@ -1,6 +1,7 @@
 //! The serving verdicts, over a made-up clock: soak, timeout, latency, a server that goes away.
 
 use super::*;
+use crate::api::{ServingEndpoint, ServingProtocol};
 
 fn spec(min_ready: i32, timeout: i32, degraded: Option<i32>) -> ServingSpec {
     ServingSpec {

@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::agent::outcome::{Verdict, on_finished, on_switched};
 
 #[test]
 fn switching_to_a_kept_version_reports_what_happened() {
