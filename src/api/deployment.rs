@@ -148,6 +148,14 @@ pub struct ModelDeploymentStatus {
     pub serving: Option<ServingStatus>,
 }
 
+/// Lets the planning functions take deployments as owned values (tests) or as the cache's shared
+/// `Arc`s (the controller) alike, without cloning a fleet's worth of objects per reconcile.
+impl AsRef<ModelDeployment> for ModelDeployment {
+    fn as_ref(&self) -> &ModelDeployment {
+        self
+    }
+}
+
 impl ModelDeployment {
     /// The object name for a model on a node: `<model>.<node>`, shortened with a hash of the node
     /// name when that would pass the 253 characters an object name may have.

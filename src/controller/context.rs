@@ -4,7 +4,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Node;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::Store;
 use kube::{Client, ResourceExt};
@@ -19,7 +18,7 @@ pub struct Context {
     pub(crate) rollouts: Store<ModelRollout>,
     pub(crate) deployments: Store<ModelDeployment>,
     pub(crate) model_nodes: Store<ModelNode>,
-    pub(crate) nodes: Store<Node>,
+    pub(crate) nodes: Store<super::watches::NodeMeta>,
     pub(crate) recorder: Recorder,
     pub(crate) metrics: metrics::Metrics,
     pub(crate) resolver: resolve::Resolver,

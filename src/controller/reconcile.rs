@@ -116,8 +116,8 @@ fn labels(r: &ModelRollout) -> RolloutLabels {
 struct Observed {
     /// Every node: Node labels joined with ModelNode facts.
     facts: BTreeMap<String, NodeFacts>,
-    /// The ModelDeployments of the rollout's model, whoever owns them.
-    deployments: Vec<ModelDeployment>,
+    /// The ModelDeployments of the rollout's model, whoever owns them (shared with the cache).
+    deployments: Vec<Arc<ModelDeployment>>,
     /// The rollout's targets, or why its scope cannot be evaluated.
     targets: Result<Vec<String>, ScopeError>,
     /// Targets that other rollouts of the model also want, with every claim on each.
@@ -128,8 +128,8 @@ struct Observed {
 fn observe(ctx: &Context, r: &ModelRollout) -> Observed {
     let facts = ctx.node_facts();
     let fact_list: Vec<NodeFacts> = facts.values().cloned().collect();
-    let deployments: Vec<ModelDeployment> =
-        ctx.deployments.state().iter().filter(|md| md.spec.model == r.spec.model).map(|md| (**md).clone()).collect();
+    let deployments: Vec<Arc<ModelDeployment>> =
+        ctx.deployments.state().into_iter().filter(|md| md.spec.model == r.spec.model).collect();
     let uid = r.uid().unwrap_or_default();
     let holds: BTreeSet<&str> = deployments
         .iter()
@@ -359,7 +359,7 @@ impl Reconcile<'_> {
     /// on transitions and writes the status. Returns when to look again for heartbeats.
     async fn report(
         &mut self,
-        deployments: Vec<ModelDeployment>,
+        deployments: Vec<Arc<ModelDeployment>>,
         plan: &Plan,
         target: &EffectiveTarget,
         abort: AbortDecision,
@@ -367,7 +367,7 @@ impl Reconcile<'_> {
         let (ctx, r, now) = (self.ctx, self.r, self.now);
         let uid = r.uid().unwrap_or_default();
         let prev = r.status.clone().unwrap_or_default();
-        let own: Vec<ModelDeployment> =
+        let own: Vec<Arc<ModelDeployment>> =
             deployments.into_iter().filter(|md| controller_uid(md) == Some(uid.as_str())).collect();
         let convergence = aggregate(&r.spec.model, &target.version, &plan.targets, &own, &prev.blockers, now);
         let status = rollout_status(&StatusInput {

@@ -33,8 +33,11 @@ pub(crate) struct Caches {
     pub(crate) rollouts: Store<ModelRollout>,
     pub(crate) deployments: Store<ModelDeployment>,
     pub(crate) model_nodes: Store<ModelNode>,
-    pub(crate) nodes: Store<Node>,
+    pub(crate) nodes: Store<NodeMeta>,
 }
+
+/// A Node's metadata (the controller reads its labels only).
+pub(crate) type NodeMeta = kube::core::PartialObjectMeta<Node>;
 
 /// Starts the four watches on `tasks`; their events go to `triggers`.
 pub(crate) fn start(
@@ -43,12 +46,24 @@ pub(crate) fn start(
     triggers: &Triggers,
     tasks: &mut JoinSet<()>,
 ) -> Caches {
-    let rollouts = watch(client, |_| {}, |_| None, |r: &ModelRollout| vec![ObjectRef::from_obj(r)], triggers, tasks);
+    let rollouts = watch(
+        client,
+        |r: &mut ModelRollout| r.managed_fields_mut().clear(),
+        |_| None,
+        |r: &ModelRollout| vec![ObjectRef::from_obj(r)],
+        triggers,
+        tasks,
+    );
     let of_model = rollouts.clone();
     // A deployment concerns every rollout of its model: its owner, and rivals waiting for the node.
+    // What the controller never reads is dropped before caching: managedFields (a few KiB of
+    // field sets per object, for the controller's and the agent's writes) and annotations.
     let deployments = watch(
         client,
-        |_| {},
+        |md: &mut ModelDeployment| {
+            md.managed_fields_mut().clear();
+            md.annotations_mut().clear();
+        },
         |_| None,
         move |md: &ModelDeployment| concerned(&of_model, |r| r.spec.model == md.spec.model),
         triggers,
@@ -58,7 +73,10 @@ pub(crate) fn start(
     // Heartbeats alone do not trigger (staleness is rechecked on a timer); capability changes do.
     let model_nodes = watch(
         client,
-        |_| {},
+        |mn: &mut ModelNode| {
+            mn.managed_fields_mut().clear();
+            mn.annotations_mut().clear();
+        },
         model_node_fingerprint(heartbeat_timeout),
         move |mn: &ModelNode| {
             let node = mn.name_any();
@@ -68,17 +86,18 @@ pub(crate) fn start(
         tasks,
     );
     let of_labels = rollouts.clone();
-    // Nodes matter for their labels only (kubelets update Node status constantly): the rest is
-    // dropped before caching, and only label changes trigger.
+    // Nodes matter for their labels only: a metadata-only watch (the API server sends no spec or
+    // status, which kubelets update constantly), annotations and managedFields dropped before
+    // caching, and only label changes trigger.
+    // (kube: an Api of PartialObjectMeta lists and watches metadata only.)
     let nodes = watch(
         client,
-        |n: &mut Node| {
-            n.status = None;
-            n.spec = None;
+        |n: &mut NodeMeta| {
             n.managed_fields_mut().clear();
+            n.annotations_mut().clear();
         },
-        |n: &Node| kube::runtime::predicates::labels(n),
-        move |n: &Node| {
+        |n: &NodeMeta| kube::runtime::predicates::labels(n),
+        move |n: &NodeMeta| {
             let node = n.name_any();
             concerned(&of_labels, |r| r.spec.scope.capable.is_none() && scope_may_include(&r.spec, &node))
         },

@@ -91,7 +91,7 @@ pub(crate) async fn apply_plan(
     ctx: &Context,
     r: &ModelRollout,
     plan: &Plan,
-    deployments: &[ModelDeployment],
+    deployments: &[std::sync::Arc<ModelDeployment>],
 ) -> Result<(), kube::Error> {
     let ns = r.namespace().unwrap_or_default();
     let uid = r.uid().unwrap_or_default();
@@ -100,7 +100,7 @@ pub(crate) async fn apply_plan(
     let existing: BTreeMap<String, &ModelDeployment> = deployments
         .iter()
         .filter(|md| md.namespace().as_deref() == Some(ns.as_str()))
-        .map(|md| (md.name_any(), md))
+        .map(|md| (md.name_any(), &**md))
         .collect();
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     // Collected first: a lazy iterator of borrowing closures trips the Send bound of the controller.

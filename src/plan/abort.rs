@@ -5,9 +5,10 @@ use crate::api::{DeploymentPhase, ModelDeployment, ModelRolloutSpec};
 use super::strategy::{controller_uid, scaled};
 
 /// Failed targets of `version` among this rollout's deployments.
-pub fn failed_on(version: &str, rollout_uid: &str, deployments: &[ModelDeployment]) -> usize {
+pub fn failed_on<D: AsRef<ModelDeployment>>(version: &str, rollout_uid: &str, deployments: &[D]) -> usize {
     deployments
         .iter()
+        .map(AsRef::as_ref)
         .filter(|md| controller_uid(md) == Some(rollout_uid) && md.spec.version == version)
         .filter(|md| md.status.as_ref().is_some_and(|s| s.phase == DeploymentPhase::Failed))
         .count()
@@ -34,11 +35,11 @@ pub struct AbortDecision {
 
 /// Decides the abort: an abort recorded for the spec's version stays (the failures that caused
 /// it are gone once deployments move back); otherwise the threshold decides over `targets` nodes.
-pub fn abort_decision(
+pub fn abort_decision<D: AsRef<ModelDeployment>>(
     spec: &ModelRolloutSpec,
     recorded: Option<&str>,
     rollout_uid: &str,
-    deployments: &[ModelDeployment],
+    deployments: &[D],
     targets: usize,
 ) -> AbortDecision {
     let failed = failed_on(&spec.version, rollout_uid, deployments);
@@ -91,7 +92,7 @@ mod tests {
         );
         // Recorded before: stays aborted, not newly, even with the failures gone.
         assert_eq!(
-            abort_decision(&s, Some("2.0.0"), "uid-vision", &[], 5),
+            abort_decision(&s, Some("2.0.0"), "uid-vision", &[] as &[ModelDeployment], 5),
             AbortDecision { aborted_version: Some("2.0.0".into()), newly: false, failed: 0 }
         );
         // An abort of another version does not carry over to a new spec.version.

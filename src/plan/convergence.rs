@@ -133,16 +133,19 @@ pub fn serving_state(target_version: &str, deployment: Option<&ModelDeployment>)
 /// `deployments` may hold ModelDeployments of any model: they are keyed by (model, node), so two
 /// models on one node with the same version string never count for each other (the origin's
 /// tracker keyed entries by version and did). `previous` blockers keep their `since`.
-pub fn aggregate(
+pub fn aggregate<D: AsRef<ModelDeployment>>(
     model: &str,
     target_version: &str,
     targets: &[TargetView],
-    deployments: &[ModelDeployment],
+    deployments: &[D],
     previous: &[Blocker],
     now: Timestamp,
 ) -> Convergence {
-    let by_node: HashMap<(&str, &str), &ModelDeployment> =
-        deployments.iter().map(|md| ((md.spec.model.as_str(), md.spec.node_name.as_str()), md)).collect();
+    let by_node: HashMap<(&str, &str), &ModelDeployment> = deployments
+        .iter()
+        .map(AsRef::as_ref)
+        .map(|md| ((md.spec.model.as_str(), md.spec.node_name.as_str()), md))
+        .collect();
     let since_of: HashMap<(&str, BlockerReason), &Option<Time>> =
         previous.iter().map(|b| ((b.node.as_str(), b.reason), &b.since)).collect();
 
@@ -270,9 +273,10 @@ pub fn estimate_completion_seconds(remaining_bytes: u64, bytes_per_second: Optio
 }
 
 /// Nodes whose active version of `model` is `version` and Operational (the origin's `nodes_with_version`).
-pub fn nodes_with_version(model: &str, version: &str, deployments: &[ModelDeployment]) -> Vec<String> {
+pub fn nodes_with_version<D: AsRef<ModelDeployment>>(model: &str, version: &str, deployments: &[D]) -> Vec<String> {
     let mut nodes: Vec<String> = deployments
         .iter()
+        .map(AsRef::as_ref)
         .filter(|md| md.spec.model == model)
         .filter(|md| {
             md.status.as_ref().is_some_and(|s| {
@@ -377,7 +381,7 @@ mod tests {
         let c = aggregate("m", "2.0.0", &[target("a"), target("b"), target("c")], &mds, &[], now());
         assert!(!c.is_converged());
         // No targets: not converged.
-        assert!(!aggregate("m", "2.0.0", &[], &[], &[], now()).is_converged());
+        assert!(!aggregate("m", "2.0.0", &[], &[] as &[ModelDeployment], &[], now()).is_converged());
     }
 
     #[test]
@@ -455,7 +459,7 @@ mod tests {
             since: Some(earlier.clone()),
             details: String::new(),
         }];
-        let c = aggregate("m", "1.0.0", &targets, &[], &previous, now());
+        let c = aggregate("m", "1.0.0", &targets, &[] as &[ModelDeployment], &previous, now());
         assert_eq!(c.blockers.len(), MAX_LISTED_BLOCKERS);
         assert_eq!(c.blocker_counts.get("InsufficientStorage"), Some(&50));
         // Oldest first: the one seen before leads the list with its original time.

@@ -52,8 +52,8 @@ pub struct PlanInput<'a> {
     pub targets: &'a [String],
     /// Facts of every known node, by name.
     pub nodes: &'a BTreeMap<String, NodeFacts>,
-    /// ModelDeployments of this model, cluster-wide.
-    pub deployments: &'a [ModelDeployment],
+    /// ModelDeployments of this model, cluster-wide (the cache's, shared: not cloned per reconcile).
+    pub deployments: &'a [std::sync::Arc<ModelDeployment>],
     /// For each target node another rollout also wants: the competing claims (this one included).
     pub contested: &'a BTreeMap<String, Vec<Claim>>,
     /// Whether the rollout aborted (failure threshold crossed for `spec.version`).
@@ -193,12 +193,14 @@ pub fn plan_deployments(input: &PlanInput<'_>) -> Plan {
     let mine: BTreeMap<&str, &ModelDeployment> = input
         .deployments
         .iter()
+        .map(AsRef::as_ref)
         .filter(|md| md.spec.model == spec.model && controller_uid(md) == Some(my_uid))
         .map(|md| (md.spec.node_name.as_str(), md))
         .collect();
     let foreign: BTreeMap<&str, &ModelDeployment> = input
         .deployments
         .iter()
+        .map(AsRef::as_ref)
         .filter(|md| md.spec.model == spec.model && controller_uid(md) != Some(my_uid))
         .map(|md| (md.spec.node_name.as_str(), md))
         .collect();

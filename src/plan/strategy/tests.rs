@@ -76,12 +76,14 @@ impl Case {
     }
     fn plan(&self) -> Plan {
         let targets: Vec<String> = self.nodes.keys().cloned().collect();
+        let deployments: Vec<std::sync::Arc<ModelDeployment>> =
+            self.deployments.iter().cloned().map(std::sync::Arc::new).collect();
         plan_deployments(&PlanInput {
             rollout: &self.rollout,
             target: &self.target,
             targets: &targets,
             nodes: &self.nodes,
-            deployments: &self.deployments,
+            deployments: &deployments,
             contested: &self.contested,
             aborted: self.aborted,
             now: now(),
