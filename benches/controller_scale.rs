@@ -96,7 +96,10 @@ async fn run(n: usize) -> Duration {
     let floor_parallel = t.elapsed();
 
     let system = support::ctx(&format!("bench-system-{n}")).await;
-    let controller = support::start_controller(&format!("bench-controller-{n}"), &system.ns, &[]).await;
+    // The simulated nodes heartbeat once, at registration; at 10,000 nodes the floors above take
+    // longer than the default 90 s heartbeat timeout, and every node would look partitioned.
+    let controller =
+        support::start_controller(&format!("bench-controller-{n}"), &system.ns, &["--heartbeat-timeout", "1h"]).await;
     controller.wait_leading(Duration::from_secs(60)).await;
     let writes_before = write_requests(&client).await;
 
