@@ -21,6 +21,7 @@ use crate::api::{ModelDeployment, ServingEndpoint, ServingProtocol, ServingSpec}
 
 /// Least time between two load requests of one version to one server (doubling per refusal).
 const LOAD_RETRY: Duration = Duration::from_secs(5);
+
 /// A load request to one server for one version.
 struct Load {
     task: Option<tokio::task::JoinHandle<Result<(), String>>>,
