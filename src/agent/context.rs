@@ -39,8 +39,6 @@ pub(crate) struct Agent {
     pub(super) store_lock: tokio::sync::Mutex<()>,
     /// Wakes the heartbeat early (the inventory changed).
     pub(super) inventory_changed: tokio::sync::Notify,
-    /// Pods that mounted a model through the CSI driver.
-    pub(super) consumers: super::serving::Consumers,
     /// What the prober last saw of the model servers, by deployment key.
     pub(super) serving: super::serving::Observations,
 }

@@ -23,7 +23,6 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use super::context::Agent;
-use super::serving::Consumer;
 use super::store::is_safe_component;
 
 /// Generated from `proto/` by build.rs.
@@ -139,17 +138,6 @@ impl Node for Driver {
         };
         let pod = req.volume_context.get("csi.storage.k8s.io/pod.name").cloned().unwrap_or_default();
         let namespace = req.volume_context.get("csi.storage.k8s.io/pod.namespace").cloned().unwrap_or_default();
-        // Recorded before the mount (and again for a mount of an earlier agent): a consumer the
-        // agent does not know is never probed.
-        let uid = req.volume_context.get("csi.storage.k8s.io/pod.uid").cloned().unwrap_or_default();
-        let consumer = Consumer {
-            volume_id: req.volume_id.clone(),
-            model: model.to_string(),
-            namespace: namespace.clone(),
-            pod: pod.clone(),
-            uid,
-        };
-        self.agent.consumers.add(consumer).map_err(|e| Status::internal(format!("recording the consumer: {e}")))?;
         if is_mounted(&target) {
             return Ok(Response::new(NodePublishVolumeResponse {}));
         }
@@ -164,8 +152,7 @@ impl Node for Driver {
         &self,
         request: Request<NodeUnpublishVolumeRequest>,
     ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
-        let req = request.into_inner();
-        let target = PathBuf::from(&req.target_path);
+        let target = PathBuf::from(request.into_inner().target_path);
         if is_mounted(&target) {
             let t = c_path(&target)?;
             // SAFETY: umount2 with a valid C string.
@@ -179,10 +166,6 @@ impl Node for Driver {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Status::internal(format!("removing {}: {e}", target.display()))),
         }
-        self.agent
-            .consumers
-            .remove(&req.volume_id)
-            .map_err(|e| Status::internal(format!("forgetting the consumer: {e}")))?;
         info!(target = %target.display(), "model volume unmounted");
         Ok(Response::new(NodeUnpublishVolumeResponse {}))
     }

@@ -31,10 +31,10 @@ use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::Client;
 use kube::api::Api;
 use kube::runtime::reflector;
 use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -54,8 +54,6 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let client = Client::try_default().await?;
     let store =
         Store::open(&opts.store).map_err(|e| anyhow::anyhow!("opening the store {}: {e}", opts.store.display()))?;
-    let consumers = serving::Consumers::open(&store.root().join("consumers"))
-        .map_err(|e| anyhow::anyhow!("reading the CSI consumers under {}: {e}", store.root().display()))?;
     let annotations = node::read_capability_annotations(&client, &opts.node_name).await;
     let caps = node::detect_capabilities(&opts, &annotations.clone().unwrap_or_default()).await;
     info!(node = %opts.node_name, store = %store.root().display(), ?caps, "starting");
@@ -80,7 +78,6 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         wanted: Mutex::new(Default::default()),
         store_lock: tokio::sync::Mutex::new(()),
         inventory_changed: tokio::sync::Notify::new(),
-        consumers,
         serving: Default::default(),
     });
     report::publish_model_node(&agent).await?;
@@ -91,21 +88,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let (cache, writer) = reflector::store();
     let api: Api<ModelDeployment> = Api::all(client.clone());
     let wc = node::deployments_selector(&client, &opts.node_name).await?;
-    let watch = {
-        let tx = events_tx.clone();
-        // Every event (deletions too) wakes the loop.
-        let stream = watcher::watcher(api, wc).default_backoff().reflect(writer);
-        tokio::spawn(async move {
-            let mut stream = std::pin::pin!(stream);
-            while let Some(ev) = stream.next().await {
-                match ev {
-                    Ok(_) => {}
-                    Err(e) => warn!(error = %e, "watching ModelDeployments"),
-                }
-                let _ = tx.send(Wake::Changed);
-            }
-        })
-    };
+    // Every event (deletions too) wakes the loop.
+    let stream = watcher::watcher(api, wc).default_backoff().reflect(writer);
+    let watch = follow(stream, "watching ModelDeployments", Some(events_tx.clone()));
     let csi = opts.csi_kubelet_dir.clone().map(|dir| {
         let (agent, shutdown) = (agent.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -120,16 +105,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             let (pods, writer) = reflector::store();
             let api: Api<Pod> = Api::all(client.clone());
             let wc = watcher::Config::default().fields(&format!("spec.nodeName={}", opts.node_name));
-            let stream = watcher::watcher(api, wc).default_backoff().reflect(writer);
-            let task = tokio::spawn(async move {
-                let mut stream = std::pin::pin!(stream);
-                while let Some(ev) = stream.next().await {
-                    if let Err(e) = ev {
-                        warn!(error = %e, "watching the node's pods");
-                    }
-                }
-            });
-            (Some(pods), Some(task))
+            let stream = watcher::watcher(api, wc)
+                .default_backoff()
+                .modify(|p: &mut Pod| p.managed_fields_mut().clear())
+                .reflect(writer);
+            (Some(pods), Some(follow(stream, "watching the node's pods", None)))
         }
         None => (None, None),
     };
@@ -154,4 +134,24 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     let _ = admin_task.await;
     result
+}
+
+/// Drives a watch (feeding its cache) for the life of the agent, logging its errors; every event
+/// wakes the decision loop when `wake` is given.
+fn follow<K: Send + 'static>(
+    stream: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    what: &'static str,
+    wake: Option<mpsc::UnboundedSender<Wake>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(ev) = stream.next().await {
+            if let Err(e) = ev {
+                warn!(error = %e, "{what}");
+            }
+            if let Some(wake) = &wake {
+                let _ = wake.send(Wake::Changed);
+            }
+        }
+    })
 }

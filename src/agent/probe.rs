@@ -67,22 +67,19 @@ async fn refusal(what: &str, response: reqwest::Response) -> String {
     if detail.is_empty() { format!("{what} answered {status}") } else { format!("{what} answered {status}: {detail}") }
 }
 
-/// GETs `url`; ready with its latency on 2xx.
-async fn probe_ready(http: &reqwest::Client, url: &str, path: &str, timeout: Duration) -> Result<Duration, String> {
+/// Sends `method path` to the server at `endpoint`: its latency on 2xx, else why not (the
+/// server's refusal, or the connection's error with its causes).
+async fn ask(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    endpoint: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<Duration, String> {
     let started = Instant::now();
-    match http.get(url).timeout(timeout).send().await {
+    match http.request(method.clone(), format!("http://{endpoint}{path}")).timeout(timeout).send().await {
         Ok(r) if r.status().is_success() => Ok(started.elapsed()),
-        Ok(r) => Err(refusal(&format!("GET {path}"), r).await),
-        Err(e) => Err(error_chain(&e)),
-    }
-}
-
-/// Asks an Open Inference Protocol server to load `model` (it reads the files the agent placed).
-async fn load(http: reqwest::Client, base: String, model: String, timeout: Duration) -> Result<(), String> {
-    let path = format!("/v2/repository/models/{model}/load");
-    match http.post(format!("{base}{path}")).timeout(timeout).send().await {
-        Ok(r) if r.status().is_success() => Ok(()),
-        Ok(r) => Err(refusal(&format!("POST {path}"), r).await),
+        Ok(r) => Err(refusal(&format!("{method} {path}"), r).await),
         Err(e) => Err(error_chain(&e)),
     }
 }
@@ -112,19 +109,17 @@ fn servers(
             };
             // (name, endpoint or why not, declares the serving port)
             let mut found: Vec<(String, Result<String, String>, bool)> = Vec::new();
-            // The pods that mounted the model (recorded at publish), and those whose spec names it
-            // (mounted before this agent recorded mounts, or about to mount it).
-            let recorded: std::collections::HashSet<String> =
-                agent.consumers.of_model(model).into_iter().map(|c| c.uid).collect();
+            // The consumers: the node's pods whose spec mounts the model with the driver (an inline
+            // CSI volume is always in the pod's spec — the same volume the kubelet publishes).
             for pod in pods.state() {
-                let named = pod.spec.as_ref().is_some_and(|s| {
+                let mounts_model = pod.spec.as_ref().is_some_and(|s| {
                     s.volumes.iter().flatten().filter_map(|v| v.csi.as_ref()).any(|c| {
                         c.driver == super::csi::DRIVER
                             && c.volume_attributes.as_ref().and_then(|a| a.get(super::csi::MODEL_ATTRIBUTE))
                                 == Some(model)
                     })
                 });
-                if !named && !pod.uid().is_some_and(|u| recorded.contains(&u)) {
+                if !mounts_model {
                     continue;
                 }
                 let name = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
@@ -209,7 +204,7 @@ pub(super) async fn probe_loop(
                 let (http, path) = (&http, &path);
                 async move {
                     let outcome = match &endpoint {
-                        Ok(e) => probe_ready(http, &format!("http://{e}{path}"), path, timeout).await,
+                        Ok(e) => ask(http, reqwest::Method::GET, e, path, timeout).await,
                         Err(why) => Err(why.clone()),
                     };
                     ConsumerProbe { name, endpoint: endpoint.ok(), outcome }
@@ -239,7 +234,13 @@ pub(super) async fn probe_loop(
         for (id, timeout) in wanted_loads {
             let (model, name, endpoint, version) = &id;
             info!(%model, %version, server = %name, %endpoint, "asking the model server to load the model");
-            let task = tokio::spawn(load(http.clone(), format!("http://{endpoint}"), model.clone(), timeout));
+            // The server reads the files the agent placed; a slow load runs beside the probes.
+            let (http, endpoint, path) =
+                (http.clone(), endpoint.clone(), format!("/v2/repository/models/{model}/load"));
+            let task =
+                tokio::spawn(
+                    async move { ask(&http, reqwest::Method::POST, &endpoint, &path, timeout).await.map(|_| ()) },
+                );
             let (error, failures) = loads.remove(&id).map_or((None, 0), |l| (l.error, l.failures));
             loads.insert(id, Load { task: Some(task), at: Instant::now(), error, failures });
         }

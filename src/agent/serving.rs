@@ -1,22 +1,15 @@
-//! Serving: whether the node's model server serves the active version, for deployments with
-//! `spec.serving`. Here, without I/O besides the consumers' records:
-//! - the consumers: pods that mounted the model through the CSI driver (recorded on disk at
-//!   publish, so an agent restart keeps them);
-//! - [`assess`]: from the prober's observations over time to a phase — Loading until ready for
-//!   `minReadySeconds`, Operational, Degraded above `degradedLatencyMilliseconds` or when a server
-//!   that served stops answering, Failed when not ready within `readyTimeoutSeconds`.
-//!
-//! The prober that asks the servers is `agent/probe.rs`.
+//! Serving, pure: whether the node's model server serves the active version of a deployment with
+//! `spec.serving`. [`assess`] goes from the prober's observations over time to a phase — Loading
+//! until ready for `minReadySeconds`, Operational, Degraded above `degradedLatencyMilliseconds` or
+//! when a server that served stops answering, Failed when not ready within `readyTimeoutSeconds`.
+//! The prober that finds and asks the servers is `agent/probe.rs`.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use serde::{Deserialize, Serialize};
-use tracing::warn;
 
 use crate::api::{DeploymentPhase, ServingConsumer, ServingSpec, ServingStatus};
 
@@ -25,81 +18,6 @@ pub const MAX_LISTED_CONSUMERS: usize = 16;
 /// A probe's latency in the status is refreshed at least this often while nothing else changes
 /// (every probe would be a status write per second per node).
 const LATENCY_REFRESH: Duration = Duration::from_secs(30);
-
-// ---------------------------------------------------------------------------------------------
-// Consumers
-
-/// A pod that mounted a model through the CSI driver.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Consumer {
-    /// The CSI volume id the kubelet gave the mount.
-    pub volume_id: String,
-    /// The model it mounts.
-    pub model: String,
-    /// The pod's namespace.
-    pub namespace: String,
-    /// The pod's name.
-    pub pod: String,
-    /// The pod's uid (a new pod of the same name is another consumer).
-    pub uid: String,
-}
-
-/// The node's consumers, by volume id; each also a file under `<store>/consumers/`, so that an
-/// agent restarted while pods run still knows them (the kubelet does not publish again).
-pub struct Consumers {
-    dir: PathBuf,
-    by_volume: Mutex<BTreeMap<String, Consumer>>,
-}
-
-fn file_name(volume_id: &str) -> String {
-    use sha2::Digest;
-    format!("{:x}.json", sha2::Sha256::digest(volume_id.as_bytes()))
-}
-
-impl Consumers {
-    /// Reads the consumers recorded under `dir` (created if missing); unreadable records are skipped.
-    pub fn open(dir: &Path) -> std::io::Result<Consumers> {
-        std::fs::create_dir_all(dir)?;
-        let mut by_volume = BTreeMap::new();
-        for entry in std::fs::read_dir(dir)?.flatten() {
-            let parsed = std::fs::read(entry.path()).ok().and_then(|b| serde_json::from_slice::<Consumer>(&b).ok());
-            match parsed {
-                Some(c) => {
-                    by_volume.insert(c.volume_id.clone(), c);
-                }
-                None => warn!(file = %entry.path().display(), "skipping an unreadable consumer record"),
-            }
-        }
-        Ok(Consumers { dir: dir.to_path_buf(), by_volume: Mutex::new(by_volume) })
-    }
-
-    /// Records a consumer (written before the mount is reported, so a crash cannot lose it).
-    pub fn add(&self, consumer: Consumer) -> std::io::Result<()> {
-        let path = self.dir.join(file_name(&consumer.volume_id));
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&consumer).expect("a consumer serializes"))?;
-        std::fs::rename(&tmp, &path)?;
-        self.by_volume.lock().expect("consumers lock").insert(consumer.volume_id.clone(), consumer);
-        Ok(())
-    }
-
-    /// Forgets the consumer of `volume_id`, if any.
-    pub fn remove(&self, volume_id: &str) -> std::io::Result<()> {
-        self.by_volume.lock().expect("consumers lock").remove(volume_id);
-        match std::fs::remove_file(self.dir.join(file_name(volume_id))) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
-    }
-
-    /// The consumers of `model`, in a stable order.
-    pub fn of_model(&self, model: &str) -> Vec<Consumer> {
-        let all = self.by_volume.lock().expect("consumers lock");
-        let mut out: Vec<Consumer> = all.values().filter(|c| c.model == model).cloned().collect();
-        out.sort_by(|a, b| (&a.namespace, &a.pod, &a.volume_id).cmp(&(&b.namespace, &b.pod, &b.volume_id)));
-        out
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Assessment (pure)

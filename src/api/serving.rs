@@ -22,7 +22,7 @@ pub enum ServingProtocol {
 /// Where the model's server listens.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
 pub enum ServingEndpoint {
-    /// The pods on the node that mount the model through the CSI volume (`models.peat.dev`): each
+    /// The pods on the node whose spec mounts the model through the CSI volume (`models.peat.dev`): each
     /// running one is probed at its pod IP and `port` (only those declaring `port` as a
     /// containerPort, when some do). No such pod, no serving.
     #[default]

@@ -227,26 +227,3 @@ fn the_ready_path_names_the_model_and_version() {
     s.path = Some("/models/{model}/{version}/ok".into());
     assert_eq!(s.ready_path("iris", "2.0.0"), "/models/iris/2.0.0/ok");
 }
-
-#[test]
-fn consumers_survive_a_restart_and_go_on_unpublish() {
-    let dir = tempfile::tempdir().unwrap();
-    let consumers = Consumers::open(dir.path()).unwrap();
-    let c = |vol: &str, model: &str, pod: &str| Consumer {
-        volume_id: vol.into(),
-        model: model.into(),
-        namespace: "ml".into(),
-        pod: pod.into(),
-        uid: format!("uid-{pod}"),
-    };
-    consumers.add(c("csi-b", "iris", "b")).unwrap();
-    consumers.add(c("csi-a", "iris", "a")).unwrap();
-    consumers.add(c("csi-x", "other", "x")).unwrap();
-    let again = Consumers::open(dir.path()).unwrap();
-    let pods: Vec<String> = again.of_model("iris").into_iter().map(|c| c.pod).collect();
-    assert_eq!(pods, ["a", "b"]);
-    again.remove("csi-a").unwrap();
-    again.remove("csi-unknown").unwrap();
-    let pods: Vec<String> = Consumers::open(dir.path()).unwrap().of_model("iris").into_iter().map(|c| c.pod).collect();
-    assert_eq!(pods, ["b"]);
-}
