@@ -164,11 +164,32 @@ async fn variants_pushed_at_the_same_moment_all_stay_in_the_index() {
                 .expect("running peat push")
         })
         .collect();
+    // Meanwhile a reader, as a controller resolving the version would: the registry rewrites the
+    // tag in place, and a read in that moment is answered 500, which must not reach the reader.
+    let access = RegistryAccess { insecure: true, ..Default::default() };
+    let pushing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let reader = tokio::spawn({
+        let (client, auth, reference, pushing) =
+            (access.client(), access.auth.clone(), format!("{repo}:1.0.0"), pushing.clone());
+        async move {
+            let (mut reads, mut failures) = (0u32, Vec::new());
+            while pushing.load(std::sync::atomic::Ordering::Relaxed) {
+                reads += 1;
+                match peat::oci::resolve(&client, &auth, &reference).await {
+                    Ok(_) | Err(peat::oci::OciError::NotFound(_)) => {}
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            (reads, failures)
+        }
+    });
     for child in children {
-        let out = child.wait_with_output().unwrap();
+        let out = tokio::task::spawn_blocking(|| child.wait_with_output()).await.unwrap().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
-    let access = RegistryAccess { insecure: true, ..Default::default() };
+    pushing.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (reads, failures) = reader.await.unwrap();
+    assert!(failures.is_empty(), "{} of {reads} reads during the pushes failed: {failures:?}", failures.len());
     let resolved = peat::oci::resolve(&access.client(), &access.auth, &format!("{repo}:1.0.0")).await.unwrap();
     let mut listed: Vec<&str> = resolved.variants.iter().map(|v| v.name.as_str()).collect();
     listed.sort();

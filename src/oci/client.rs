@@ -329,6 +329,39 @@ pub async fn secret_text(client: &kube::Client, namespace: &str, name: &str, key
     String::from_utf8(raw.0).map_err(|_| err(format!("{key} is not UTF-8")))
 }
 
+/// Whether the registry's answer is worth asking again at once: a server error or throttling.
+/// Debian's docker-registry (distribution 2.8, filesystem storage) rewrites a tag's link file in
+/// place, so reading a tag while a push rewrites it answers 500 "invalid checksum digest format"
+/// for that moment (about 1 read in 6 while four writers rewrite one tag, on this machine).
+pub fn answered_busy(e: &OciDistributionError) -> bool {
+    matches!(e, OciDistributionError::ServerError { code, .. } if *code >= 500 || *code == 429)
+}
+
+/// Attempts [`patiently`] makes in all; the waits between them add up to 3.1 s.
+const BUSY_ATTEMPTS: u32 = 6;
+
+/// Runs `call` again while the registry [`answered_busy`], waiting 100 ms, then twice as long each
+/// time; other errors, and the last busy answer, are returned as they are. `call` must be safe to
+/// repeat (reads, uploads of content-addressed blobs, writes of whole manifests).
+pub async fn patiently<T, F, Fut>(mut call: F) -> Result<T, OciDistributionError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, OciDistributionError>>,
+{
+    let mut wait = std::time::Duration::from_millis(100);
+    for _ in 1..BUSY_ATTEMPTS {
+        match call().await {
+            Err(e) if answered_busy(&e) => {
+                tracing::debug!(error = %e, ?wait, "the registry answered busy; asking again");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+            done => return done,
+        }
+    }
+    call().await
+}
+
 /// A model version read from the registry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Resolved {
@@ -342,7 +375,8 @@ pub struct Resolved {
 /// a single manifest (one variant, e.g. an ORAS artifact).
 pub async fn resolve(client: &oci_client::Client, auth: &RegistryAuth, reference: &str) -> Result<Resolved, OciError> {
     let r = parse_reference(reference)?;
-    let (manifest, digest) = client.pull_manifest(&r, auth).await.map_err(|e| OciError::from_client(reference, e))?;
+    let (manifest, digest) =
+        patiently(|| client.pull_manifest(&r, auth)).await.map_err(|e| OciError::from_client(reference, e))?;
     let variants = match &manifest {
         OciManifest::ImageIndex(index) => {
             variants_from_index(index).map_err(|source| OciError::Layout { reference: reference.into(), source })?
@@ -358,6 +392,41 @@ pub async fn resolve(client: &oci_client::Client, auth: &RegistryAuth, reference
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn answer(code: u16) -> OciDistributionError {
+        OciDistributionError::ServerError { code, url: "http://127.0.0.1/v2/".into(), message: "m".into() }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_registry_is_asked_again_and_other_answers_are_final() {
+        let calls = std::cell::Cell::new(0);
+        let busy_twice = patiently(|| {
+            calls.set(calls.get() + 1);
+            let n = calls.get();
+            async move { if n <= 2 { Err(answer(500)) } else { Ok(n) } }
+        })
+        .await;
+        assert_eq!(busy_twice.unwrap(), 3);
+
+        calls.set(0);
+        let throttled_always = patiently(|| {
+            calls.set(calls.get() + 1);
+            async { Err::<(), _>(answer(429)) }
+        })
+        .await;
+        assert!(matches!(throttled_always, Err(OciDistributionError::ServerError { code: 429, .. })));
+        assert_eq!(calls.get(), BUSY_ATTEMPTS);
+
+        calls.set(0);
+        let missing = patiently(|| {
+            calls.set(calls.get() + 1);
+            async { Err::<(), _>(answer(404)) }
+        })
+        .await;
+        assert!(missing.is_err());
+        assert_eq!(calls.get(), 1, "a 404 is an answer, not a busy registry");
+        assert!(!answered_busy(&answer(401)) && answered_busy(&answer(503)));
+    }
 
     #[test]
     fn docker_config_credentials() {

@@ -3,13 +3,14 @@
 use std::collections::BTreeMap;
 
 use futures::StreamExt;
+use oci_client::errors::OciDistributionError;
 use oci_client::manifest::{
     ImageIndexEntry, OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageIndex, OciImageManifest,
     OciManifest, Platform,
 };
 use oci_client::secrets::RegistryAuth;
 
-use super::client::{OciError, parse_reference};
+use super::client::{OciError, parse_reference, patiently};
 use super::digest::sha256_digest;
 use super::layout::*;
 
@@ -51,11 +52,11 @@ async fn push_chunk_index(
     client: &oci_client::Client,
     r: &oci_client::Reference,
     index: &super::chunk_index::ChunkIndex,
-) -> Result<OciDescriptor, oci_client::errors::OciDistributionError> {
+) -> Result<OciDescriptor, OciDistributionError> {
     let json = serde_json::to_vec(index).expect("an index serializes");
     let digest = sha256_digest(&json);
-    if !client.blob_exists(r, &digest).await? {
-        client.push_blob(r, json.clone(), &digest).await?;
+    if !patiently(|| client.blob_exists(r, &digest)).await? {
+        patiently(|| client.push_blob(r, json.clone(), &digest)).await?;
     }
     Ok(OciDescriptor {
         media_type: MEDIA_CHUNK_INDEX.into(),
@@ -214,17 +215,25 @@ pub async fn push_dir(
         .await
         .map_err(|e| local(std::io::Error::other(e)))?
         .map_err(local)?;
-        if client.blob_exists(&r, &digest).await.map_err(oci)? {
+        if patiently(|| client.blob_exists(&r, &digest)).await.map_err(oci)? {
             progress.uploaded(f.size);
         } else {
-            let file = tokio::fs::File::open(&f.path).await.map_err(local)?;
-            let p = progress.clone();
-            let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).map(move |chunk| {
-                let chunk = chunk?;
-                p.uploaded(chunk.len() as u64);
-                Ok(chunk)
-            });
-            client.push_blob_stream(&r, stream, &digest, Some(f.size)).await.map_err(oci)?;
+            // Each attempt streams the file from its start (a busy registry drops the upload).
+            patiently(|| async {
+                let file = tokio::fs::File::open(&f.path).await.map_err(OciDistributionError::IoError)?;
+                let p = progress.clone();
+                let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).map(move |chunk| {
+                    let chunk = chunk?;
+                    p.uploaded(chunk.len() as u64);
+                    Ok(chunk)
+                });
+                client.push_blob_stream(&r, stream, &digest, Some(f.size)).await
+            })
+            .await
+            .map_err(|e| match e {
+                OciDistributionError::IoError(e) => local(e),
+                e => oci(e),
+            })?;
         }
         layers.push(file_layer(&f.title, digest, f.size));
         indexes.push(push_chunk_index(client, &r, &index).await.map_err(oci)?);
@@ -275,14 +284,15 @@ pub async fn push_variant_manifest(
     // commits one of those uploads, a manifest naming the blob can be refused as
     // MANIFEST_BLOB_UNKNOWN. That passes within moments: upload the config again and retry.
     for attempt in 1u64.. {
-        client.push_blob(&r, EMPTY_CONFIG.to_vec(), &config_digest).await.map_err(err)?;
-        let pushed = client
-            .push_manifest_raw(
+        patiently(|| client.push_blob(&r, EMPTY_CONFIG.to_vec(), &config_digest)).await.map_err(err)?;
+        let pushed = patiently(|| {
+            client.push_manifest_raw(
                 &by_digest,
                 manifest_bytes.clone(),
                 OCI_IMAGE_MEDIA_TYPE.parse().expect("static media type"),
             )
-            .await;
+        })
+        .await;
         match pushed {
             Ok(_) => break,
             Err(oci_client::errors::OciDistributionError::ServerError { code: 400, ref message, .. })
@@ -334,7 +344,7 @@ pub async fn push_variant_manifest(
         });
         index.manifests.retain(|m| variant_of(m) != Some(&meta.name));
         index.manifests.push(entry.clone());
-        client.push_manifest_list(&r, auth, index).await.map_err(err)?;
+        patiently(|| client.push_manifest_list(&r, auth, index.clone())).await.map_err(err)?;
         tokio::time::sleep(settle_time()).await;
         let listed = read_index(client, auth, &r, &tag_ref)
             .await?
@@ -375,7 +385,7 @@ async fn read_index(
     r: &oci_client::Reference,
     tag_ref: &str,
 ) -> Result<Option<OciImageIndex>, OciError> {
-    match client.pull_manifest(r, auth).await {
+    match patiently(|| client.pull_manifest(r, auth)).await {
         Ok((OciManifest::ImageIndex(index), _)) => Ok(Some(index)),
         Ok((OciManifest::Image(_), _)) => Ok(None),
         Err(e) => match OciError::from_client(tag_ref, e) {
