@@ -2,15 +2,15 @@
 //!
 //! Registers N Nodes + ModelNodes, applies one rollout (maxParallel 100%) and prints:
 //! - time until all N ModelDeployments exist ÷ the time this benchmark takes to create N such
-//!   objects itself, one after another like the controller's reconcile does (the floor);
-//! - API write requests per node (from the API server's /metrics);
+//!   objects itself (the floors: one after another, and 16 in flight like the controller; also,
+//!   for reference, 16 server-side applies in flight), measured after the controller stopped;
+//! - API write requests per node by the controller;
 //! - the controller's peak RSS;
-//! - the lag between the last simulated agent report and the Converged status.
-//!
+//! - the lag between the last simulated agent report and the Converged status;
 //! - the controller's CPU seconds during a report storm (every node's status written at once).
 //!
 //! N = 1000, 5000, then 10000, each when the one before finished in reasonable time
-//! (PEAT_BENCH_NODES overrides).
+//! (PEAT_BENCH_NODES overrides). Each size removes its objects before the next starts.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use peat::api::{DeploymentPhase, ModelDeployment, ModelRollout};
 use serde_json::json;
@@ -43,7 +43,7 @@ async fn write_requests(client: &kube::Client) -> BTreeMap<String, f64> {
     out
 }
 
-async fn run(n: usize) -> Duration {
+async fn run(n: usize, last: bool) -> Duration {
     let bench_start = Instant::now();
     let ctx = support::ctx(&format!("bench-{n}")).await;
     let client = ctx.client.clone();
@@ -65,53 +65,36 @@ async fn run(n: usize) -> Duration {
     .await;
     println!("  registered {n} Nodes + ModelNodes in {:.1} s", t.elapsed().as_secs_f64());
 
-    // The floor: the same objects created directly by this process — one after another, and with
-    // the controller's own write concurrency (16 in flight).
-    let floor_object = |node: &str, model: &str| -> ModelDeployment {
-        serde_json::from_value(json!({
-            "apiVersion": "peat.dev/v1alpha1", "kind": "ModelDeployment",
-            // Other models: these must not hold the nodes against the rollout below.
-            "metadata": {"name": ModelDeployment::name_for(model, node), "labels": {"peat.dev/model": model, "peat.dev/node": node, "peat.dev/version": "1.0.0"}},
-            "spec": {"nodeName": node, "model": model, "version": "1.0.0", "variant": "int8-cpu",
-                     "artifact": format!("{repo}@sha256:{}", "0".repeat(64)), "insecure": true}
-        }))
-        .unwrap()
-    };
+    // The floors: the same objects written directly by this process, 16 in flight like the
+    // controller — created, and (for reference, not a goal) server-side applied as the
+    // controller writes them. Measured before the controller starts and again after it stopped;
+    // the objects of the first measurement are deleted before the controller starts, as it
+    // caches every ModelDeployment and would count scaffolding as its own.
     let floor_ns = support::ctx(&format!("bench-floor-{n}")).await;
     let floor_api: Api<ModelDeployment> = Api::namespaced(client.clone(), &floor_ns.ns);
-    let t = Instant::now();
-    for node in &nodes {
-        floor_api.create(&PostParams::default(), &floor_object(node, "floor-seq")).await.expect("direct create");
+    let before = in_flight_floors(&floor_api, &repo, &nodes, "a").await;
+    for model in ["floor-par-a", "floor-ssa-a"] {
+        delete_each(&floor_api, nodes.iter().map(|node| ModelDeployment::name_for(model, node))).await;
     }
-    let floor = t.elapsed();
-    let t = Instant::now();
-    futures::stream::iter(nodes.iter().map(|node| {
-        let api = floor_api.clone();
-        let obj = floor_object(node, "floor-par");
-        async move { api.create(&PostParams::default(), &obj).await.expect("direct create") }
-    }))
-    .buffer_unordered(16)
-    .collect::<Vec<_>>()
-    .await;
-    let floor_parallel = t.elapsed();
 
     let system = support::ctx(&format!("bench-system-{n}")).await;
-    // The simulated nodes heartbeat once, at registration; at 10,000 nodes the floors above take
-    // longer than the default 90 s heartbeat timeout, and every node would look partitioned.
+    // The simulated nodes heartbeat once, at registration; at 10,000 nodes registering and the
+    // run take longer than the default 90 s heartbeat timeout, and every node would look partitioned.
     let controller =
         support::start_controller(&format!("bench-controller-{n}"), &system.ns, &["--heartbeat-timeout", "1h"]).await;
     controller.wait_leading(Duration::from_secs(60)).await;
     let writes_before = write_requests(&client).await;
 
-    // Count ModelDeployments as they appear, from a watch (no polling of big lists).
+    // Count ModelDeployments as they appear, from a watch of their metadata (no polling of big
+    // lists; the API server encodes, and this process decodes, as little as it can).
     let md_api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ctx.ns);
     let (all_created_tx, all_created_rx) = tokio::sync::oneshot::channel::<Instant>();
     let watch = {
-        let md_api = md_api.clone();
+        let md_meta: Api<kube::core::PartialObjectMeta<ModelDeployment>> = Api::namespaced(client.clone(), &ctx.ns);
         tokio::spawn(async move {
             let mut seen = std::collections::HashSet::new();
             let mut tx = Some(all_created_tx);
-            let mut s = std::pin::pin!(watcher::watcher(md_api, watcher::Config::default()).applied_objects());
+            let mut s = std::pin::pin!(watcher::watcher(md_meta, watcher::Config::default()).applied_objects());
             while let Some(Ok(md)) = s.next().await {
                 seen.insert(md.metadata.name.clone().unwrap_or_default());
                 if seen.len() == n
@@ -126,6 +109,7 @@ async fn run(n: usize) -> Duration {
     let rollout = json!({"apiVersion": "peat.dev/v1alpha1", "kind": "ModelRollout", "metadata": {"name": "scale"},
         "spec": {"model": "m", "version": "1.0.0", "source": {"repository": repo, "insecure": true},
                  "scope": {"nodeSelector": {"matchLabels": {"bench": prefix}}}, "strategy": {"maxParallel": "100%"}}});
+    let cpu_at_apply = cpu_seconds(controller.process.pid());
     let applied = Instant::now();
     rollouts.patch("scale", &PatchParams::apply("bench").force(), &Patch::Apply(&rollout)).await.unwrap();
     let all_created = tokio::time::timeout(Duration::from_secs(600), all_created_rx)
@@ -133,6 +117,7 @@ async fn run(n: usize) -> Duration {
         .expect("all deployments within 10 min")
         .unwrap();
     let create_time = all_created - applied;
+    let create_cpu = cpu_seconds(controller.process.pid()) - cpu_at_apply;
     watch.abort();
 
     // Simulated agents: every node reports Operational — a report storm, N status writes as fast
@@ -181,27 +166,120 @@ async fn run(n: usize) -> Duration {
     let controller_writes = controller.metric("peat_controller_deployment_writes_total").await.unwrap_or(0.0)
         + controller.metric("peat_controller_status_writes_total").await.unwrap_or(0.0);
     let rss = support::peak_rss_mib(controller.process.pid());
+    let rss_now = std::fs::read_to_string(format!("/proc/{}/status", controller.process.pid()))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0);
+
+    drop(controller);
+    // The floors once more, now that the controller has stopped, and one after another.
+    let t = Instant::now();
+    for node in &nodes {
+        floor_api.create(&PostParams::default(), &floor_object(&repo, node, "floor-seq")).await.expect("direct create");
+    }
+    let floor = t.elapsed();
+    let after = in_flight_floors(&floor_api, &repo, &nodes, "b").await;
+    // The faster of the two measurements of each: the API server slows as etcd fills, so a floor
+    // measured only before (or only after) would favour one side.
+    let floor_parallel = before.0.min(after.0);
+    let floor_apply = before.1.min(after.1);
 
     println!(
-        "  all {n} ModelDeployments exist after {:.2} s; floor: direct creates one by one {:.2} s (ratio {:.2}), 16 in flight {:.2} s (ratio {:.2})",
+        "  all {n} ModelDeployments exist after {:.2} s; floor: direct creates one by one {:.2} s (ratio {:.2}), 16 in flight {:.2} s (ratio {:.2}; before/after the controller {:.2}/{:.2} s)",
         create_time.as_secs_f64(),
         floor.as_secs_f64(),
         create_time.as_secs_f64() / floor.as_secs_f64(),
         floor_parallel.as_secs_f64(),
-        create_time.as_secs_f64() / floor_parallel.as_secs_f64()
+        create_time.as_secs_f64() / floor_parallel.as_secs_f64(),
+        before.0.as_secs_f64(),
+        after.0.as_secs_f64()
+    );
+    println!(
+        "  (16 applies in flight {:.2} s: controller ÷ that {:.2}; controller CPU while creating {create_cpu:.2} s)",
+        floor_apply.as_secs_f64(),
+        create_time.as_secs_f64() / floor_apply.as_secs_f64()
     );
     println!(
         "  API write requests per node: {:.2} by the controller ({controller_writes:.0} writes); all peat.dev writes in the window: {delta:?}",
         controller_writes / n as f64
     );
-    println!("  controller peak RSS: {rss:.1} MiB");
+    println!("  controller peak RSS: {rss:.1} MiB ({rss_now:.1} MiB once Converged)");
     println!("  lag from the last agent report to Converged: {:.2} s", lag.as_secs_f64());
     println!(
         "  report storm: {n} status reports in {:.1} s; controller CPU {storm_cpu:.2} s from the storm's start to Converged",
         storm_time.as_secs_f64()
     );
-    drop(controller);
+    if !last {
+        // Nothing of this size stays for the next: its controller would cache and reconcile it.
+        let gone = json!({"metadata": {"finalizers": null}});
+        rollouts.patch("scale", &PatchParams::default(), &Patch::Merge(&gone)).await.unwrap();
+        delete_each(&rollouts, ["scale".to_string()]).await;
+        delete_each(&md_api, names).await;
+        for model in ["floor-seq", "floor-par-b", "floor-ssa-b"] {
+            delete_each(&floor_api, nodes.iter().map(|node| ModelDeployment::name_for(model, node))).await;
+        }
+        delete_each(&Api::<k8s_openapi::api::core::v1::Node>::all(client.clone()), nodes.clone()).await;
+        delete_each(&Api::<peat::api::ModelNode>::all(client.clone()), nodes).await;
+    }
     bench_start.elapsed()
+}
+
+/// A ModelDeployment like the controller's, of another model (so that it holds no node against
+/// the rollout).
+fn floor_object(repo: &str, node: &str, model: &str) -> ModelDeployment {
+    serde_json::from_value(json!({
+        "apiVersion": "peat.dev/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": ModelDeployment::name_for(model, node), "labels": {"peat.dev/model": model, "peat.dev/node": node, "peat.dev/version": "1.0.0"}},
+        "spec": {"nodeName": node, "model": model, "version": "1.0.0", "variant": "int8-cpu",
+                 "artifact": format!("{repo}@sha256:{}", "0".repeat(64)), "insecure": true}
+    }))
+    .unwrap()
+}
+
+/// Times writing one such object per node, 16 in flight: created (models `floor-par-<tag>`), then
+/// server-side applied (`floor-ssa-<tag>`).
+async fn in_flight_floors(api: &Api<ModelDeployment>, repo: &str, nodes: &[String], tag: &str) -> (Duration, Duration) {
+    let t = Instant::now();
+    futures::stream::iter(nodes.iter().map(|node| {
+        let obj = floor_object(repo, node, &format!("floor-par-{tag}"));
+        async move { api.create(&PostParams::default(), &obj).await.expect("direct create") }
+    }))
+    .buffer_unordered(16)
+    .collect::<Vec<_>>()
+    .await;
+    let create = t.elapsed();
+    let t = Instant::now();
+    futures::stream::iter(nodes.iter().map(|node| {
+        let obj = floor_object(repo, node, &format!("floor-ssa-{tag}"));
+        async move {
+            let name = obj.metadata.name.clone().unwrap_or_default();
+            api.patch(&name, &PatchParams::apply("bench").force(), &Patch::Apply(&obj)).await.expect("direct apply")
+        }
+    }))
+    .buffer_unordered(16)
+    .collect::<Vec<_>>()
+    .await;
+    (create, t.elapsed())
+}
+
+/// Deletes the named objects (none has a finalizer), a few at a time: one request deleting a
+/// collection of 20,000 outlasts the API server's request timeout.
+async fn delete_each<K>(api: &Api<K>, names: impl IntoIterator<Item = String>)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    futures::stream::iter(names.into_iter().map(|name| async move {
+        match api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => panic!("deleting {name}: {e}"),
+        }
+    }))
+    .buffer_unordered(CONCURRENCY)
+    .collect::<Vec<_>>()
+    .await;
 }
 
 /// User + system CPU seconds of process `pid` so far (/proc/<pid>/stat, clock ticks of 1/100 s).
@@ -222,7 +300,7 @@ async fn main() {
     };
     for (i, n) in sizes.iter().enumerate() {
         println!("controller_scale: {n} nodes");
-        let took = run(*n).await;
+        let took = run(*n, i + 1 == sizes.len()).await;
         println!("  (this size took {:.0} s in all)", took.as_secs_f64());
         // A larger size only when this one finished in reasonable time: a slow machine prints the
         // figures it has and stops.

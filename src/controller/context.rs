@@ -1,7 +1,8 @@
 //! What every reconcile shares: the client, the four caches, the resolver, metrics.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kube::runtime::events::Recorder;
@@ -9,7 +10,7 @@ use kube::runtime::reflector::Store;
 use kube::{Client, ResourceExt};
 
 use super::{metrics, resolve};
-use crate::api::{ModelDeployment, ModelNode, ModelRollout};
+use crate::api::{ModelDeployment, ModelNode, ModelNodeStatus, ModelRollout};
 use crate::plan::scope::NodeFacts;
 
 /// Shared state of the reconciler.
@@ -31,17 +32,38 @@ pub struct Context {
 }
 
 impl Context {
-    /// Everything known of every node: Node labels joined with ModelNode status.
-    pub(crate) fn node_facts(&self) -> BTreeMap<String, NodeFacts> {
-        let mut out: BTreeMap<String, NodeFacts> = BTreeMap::new();
-        for n in self.nodes.state() {
-            let name = n.name_any();
-            out.insert(name.clone(), NodeFacts { name, labels: n.labels().clone(), capabilities: None });
+    /// Every Node and ModelNode in the caches, shared: hold them while [`node_facts`] borrows.
+    pub(crate) fn node_objects(&self) -> NodeObjects {
+        NodeObjects { nodes: self.nodes.state(), model_nodes: self.model_nodes.state() }
+    }
+}
+
+/// A snapshot of the Node and ModelNode caches (shared objects, nothing copied).
+pub(crate) struct NodeObjects {
+    nodes: Vec<Arc<super::watches::NodeMeta>>,
+    model_nodes: Vec<Arc<ModelNode>>,
+}
+
+impl NodeObjects {
+    /// Everything known of every node: Node labels joined with ModelNode status, borrowed.
+    pub(crate) fn node_facts(&self) -> BTreeMap<String, NodeFacts<'_>> {
+        static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
+        let mut out: BTreeMap<String, NodeFacts<'_>> = BTreeMap::new();
+        for n in &self.nodes {
+            let name = n.metadata.name.as_deref().unwrap_or_default();
+            let labels = n.metadata.labels.as_ref().unwrap_or(&NO_LABELS);
+            out.insert(
+                name.to_string(),
+                NodeFacts { name: Cow::Borrowed(name), labels: Cow::Borrowed(labels), capabilities: None },
+            );
         }
-        for mn in self.model_nodes.state() {
-            let name = mn.name_any();
-            let e = out.entry(name.clone()).or_insert_with(|| NodeFacts { name, ..Default::default() });
-            e.capabilities = Some(mn.status.clone().unwrap_or_default());
+        static NO_STATUS: std::sync::LazyLock<ModelNodeStatus> = std::sync::LazyLock::new(ModelNodeStatus::default);
+        for mn in &self.model_nodes {
+            let name = mn.metadata.name.as_deref().unwrap_or_default();
+            let e = out
+                .entry(name.to_string())
+                .or_insert_with(|| NodeFacts { name: Cow::Borrowed(name), ..Default::default() });
+            e.capabilities = Some(Cow::Borrowed(mn.status.as_ref().unwrap_or(&NO_STATUS)));
         }
         out
     }

@@ -15,7 +15,7 @@ use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use tracing::{info, instrument, warn};
 
-use super::context::{Context, key};
+use super::context::{Context, NodeObjects, key};
 use super::metrics::{ErrorLabels, RolloutLabels};
 use super::resolve::{ResolveError, TagNow};
 use super::secrets;
@@ -113,9 +113,9 @@ fn labels(r: &ModelRollout) -> RolloutLabels {
 }
 
 /// What the caches say, for one rollout.
-struct Observed {
-    /// Every node: Node labels joined with ModelNode facts.
-    facts: BTreeMap<String, NodeFacts>,
+struct Observed<'a> {
+    /// Every node: Node labels joined with ModelNode facts (borrowed from the caches' objects).
+    facts: BTreeMap<String, NodeFacts<'a>>,
     /// The ModelDeployments of the rollout's model, whoever owns them (shared with the cache).
     deployments: Vec<Arc<ModelDeployment>>,
     /// The rollout's targets, or why its scope cannot be evaluated.
@@ -125,9 +125,9 @@ struct Observed {
 }
 
 /// observe: reads the caches (no I/O).
-fn observe(ctx: &Context, r: &ModelRollout) -> Observed {
-    let facts = ctx.node_facts();
-    let fact_list: Vec<NodeFacts> = facts.values().cloned().collect();
+fn observe<'a>(ctx: &Context, r: &ModelRollout, nodes: &'a NodeObjects) -> Observed<'a> {
+    let facts = nodes.node_facts();
+    let fact_list: Vec<NodeFacts<'_>> = facts.values().cloned().collect();
     let deployments: Vec<Arc<ModelDeployment>> =
         ctx.deployments.state().into_iter().filter(|md| md.spec.model == r.spec.model).collect();
     let uid = r.uid().unwrap_or_default();
@@ -159,7 +159,8 @@ struct Reconcile<'a> {
 
 async fn apply(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result<Action, Error> {
     let mut rec = Reconcile { ctx: &ctx, r: &r, now: Timestamp::now(), status: StatusWriter::new(&r) };
-    let seen = observe(&ctx, &r);
+    let nodes = ctx.node_objects();
+    let seen = observe(&ctx, &r, &nodes);
     let recorded_abort = r.status.as_ref().and_then(|s| s.aborted_version.as_deref());
     let targets = match &seen.targets {
         Ok(t) => t,
@@ -291,7 +292,7 @@ impl Reconcile<'_> {
     /// made for, and when to look at the tag next.
     async fn plan(
         &mut self,
-        seen: &Observed,
+        seen: &Observed<'_>,
         targets: &[String],
         mut target: EffectiveTarget,
         abort: &AbortDecision,

@@ -104,6 +104,9 @@ pub(crate) async fn apply_plan(
         .collect();
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     // Collected first: a lazy iterator of borrowing closures trips the Send bound of the controller.
+    // Each body is built when its write starts: built up front, 10,000 JSON bodies were the largest
+    // thing the controller held while it created a fleet's deployments.
+    let (ns, owner) = (&ns, &owner);
     let applies: Vec<_> = plan
         .apply
         .iter()
@@ -112,9 +115,9 @@ pub(crate) async fn apply_plan(
             if existing.get(&name).is_some_and(|md| same_deployment(md, desired, &uid)) {
                 return None;
             }
-            let obj = deployment_object(&name, &ns, &owner, desired);
             let (api, pp) = (api.clone(), pp.clone());
             Some(async move {
+                let obj = deployment_object(&name, ns, owner, desired);
                 api.patch(&name, &pp, &Patch::Apply(&obj)).await?;
                 ctx.metrics.deployment_writes.inc();
                 Ok::<(), kube::Error>(())

@@ -1,23 +1,26 @@
 //! target: which nodes a rollout's scope selects.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::api::quantity::parse_bytes;
 use crate::api::shared::LABEL_FORMATION;
 use crate::api::{CapableScope, LabelRequirement, ModelNodeStatus, NodeSelector, ScopeSpec, SelectorOperator};
 
-/// What planning knows of one node: its Node labels and what its agent reported.
+/// What planning knows of one node: its Node labels and what its agent reported. The controller
+/// borrows them from its caches (a reconcile reads every node: copying 10,000 nodes' labels and
+/// statuses each time cost more than the rest of the reconcile); tests own them.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct NodeFacts {
+pub struct NodeFacts<'a> {
     /// Node name (also the ModelNode's name).
-    pub name: String,
+    pub name: Cow<'a, str>,
     /// Labels of the Node object (empty when there is no Node object).
-    pub labels: BTreeMap<String, String>,
+    pub labels: Cow<'a, BTreeMap<String, String>>,
     /// The ModelNode status, when the node's agent has published one.
-    pub capabilities: Option<ModelNodeStatus>,
+    pub capabilities: Option<Cow<'a, ModelNodeStatus>>,
 }
 
-impl NodeFacts {
+impl NodeFacts<'_> {
     /// Whether a peat agent has reported from this node.
     pub fn has_agent(&self) -> bool {
         self.capabilities.is_some()
@@ -57,7 +60,7 @@ pub fn normalize_arch(arch: &str) -> String {
 /// (a ModelNode exists): a node without an agent cannot take a model. `nodes` selects the named
 /// nodes whether or not they report, so a missing agent shows up as a blocker instead of silently
 /// shrinking the rollout.
-pub fn select_targets(scope: &ScopeSpec, nodes: &[NodeFacts]) -> Result<Vec<String>, ScopeError> {
+pub fn select_targets(scope: &ScopeSpec, nodes: &[NodeFacts<'_>]) -> Result<Vec<String>, ScopeError> {
     let kinds = [
         scope.all.is_some(),
         scope.formation.is_some(),
@@ -88,7 +91,7 @@ pub fn select_targets(scope: &ScopeSpec, nodes: &[NodeFacts]) -> Result<Vec<Stri
                 false
             }
         })
-        .map(|n| n.name.clone())
+        .map(|n| n.name.to_string())
         .collect();
     selected.sort();
     selected.dedup();
@@ -100,7 +103,7 @@ pub fn select_targets(scope: &ScopeSpec, nodes: &[NodeFacts]) -> Result<Vec<Stri
 /// uses that storage, and without this they would flap out and back in with every install.
 pub fn rollout_targets(
     scope: &ScopeSpec,
-    nodes: &[NodeFacts],
+    nodes: &[NodeFacts<'_>],
     holds: &BTreeSet<&str>,
 ) -> Result<Vec<String>, ScopeError> {
     let targets = select_targets(scope, nodes)?;
@@ -165,21 +168,23 @@ mod tests {
 
     const GI: i64 = 1 << 30;
 
-    fn node(name: &str, labels: &[(&str, &str)], caps: Option<(&str, i64, i64)>) -> NodeFacts {
+    fn node(name: &str, labels: &[(&str, &str)], caps: Option<(&str, i64, i64)>) -> NodeFacts<'static> {
         NodeFacts {
-            name: name.into(),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            capabilities: caps.map(|(arch, gpu, free)| ModelNodeStatus {
-                arch: Some(arch.into()),
-                gpus: i32::from(gpu > 0),
-                gpu_memory_bytes: gpu,
-                storage_free_bytes: free,
-                ..Default::default()
-            }),
+            name: Cow::Owned(name.into()),
+            labels: Cow::Owned(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            capabilities: caps
+                .map(|(arch, gpu, free)| ModelNodeStatus {
+                    arch: Some(arch.into()),
+                    gpus: i32::from(gpu > 0),
+                    gpu_memory_bytes: gpu,
+                    storage_free_bytes: free,
+                    ..Default::default()
+                })
+                .map(Cow::Owned),
         }
     }
 
-    fn fleet() -> Vec<NodeFacts> {
+    fn fleet() -> Vec<NodeFacts<'static>> {
         vec![
             node("jetson-1", &[(LABEL_FORMATION, "alpha"), ("tier", "edge")], Some(("arm64", 8 * GI, 20 * GI))),
             node("jetson-2", &[(LABEL_FORMATION, "alpha"), ("tier", "edge")], Some(("aarch64", 4 * GI, GI / 4))),

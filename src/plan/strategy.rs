@@ -51,7 +51,7 @@ pub struct PlanInput<'a> {
     /// Target nodes (from the scope), sorted.
     pub targets: &'a [String],
     /// Facts of every known node, by name.
-    pub nodes: &'a BTreeMap<String, NodeFacts>,
+    pub nodes: &'a BTreeMap<String, NodeFacts<'a>>,
     /// ModelDeployments of this model, cluster-wide (the cache's, shared: not cloned per reconcile).
     pub deployments: &'a [std::sync::Arc<ModelDeployment>],
     /// For each target node another rollout also wants: the competing claims (this one included).
@@ -167,7 +167,7 @@ fn refreshed(existing: &ModelDeploymentSpec, spec: &ModelRolloutSpec) -> ModelDe
     }
 }
 
-fn heartbeat_age(facts: &NodeFacts, now: Timestamp) -> Option<Duration> {
+fn heartbeat_age(facts: &NodeFacts<'_>, now: Timestamp) -> Option<Duration> {
     let hb = facts.capabilities.as_ref()?.last_heartbeat.as_ref()?;
     let ms = now.as_millisecond() - hb.0.as_millisecond();
     Some(Duration::from_millis(ms.max(0) as u64))

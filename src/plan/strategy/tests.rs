@@ -35,29 +35,29 @@ fn now() -> Timestamp {
     Timestamp::from_second(1_800_000_000).unwrap()
 }
 
-fn facts(name: &str, gpu: u64, heartbeat_age_s: i64) -> NodeFacts {
+fn facts(name: &str, gpu: u64, heartbeat_age_s: i64) -> NodeFacts<'static> {
     NodeFacts {
-        name: name.into(),
+        name: name.to_string().into(),
         labels: Default::default(),
-        capabilities: Some(ModelNodeStatus {
+        capabilities: Some(std::borrow::Cow::Owned(ModelNodeStatus {
             arch: Some("arm64".into()),
             gpu_memory_bytes: gpu as i64,
             providers: if gpu > 0 { vec!["cpu".into(), "cuda".into()] } else { vec!["cpu".into()] },
             storage_free_bytes: (10 * GI) as i64,
             last_heartbeat: Some(Time(Timestamp::from_second(1_800_000_000 - heartbeat_age_s).unwrap())),
             ..Default::default()
-        }),
+        })),
     }
 }
 
-fn fleet(n: usize) -> BTreeMap<String, NodeFacts> {
+fn fleet(n: usize) -> BTreeMap<String, NodeFacts<'static>> {
     (0..n).map(|i| format!("n{i}")).map(|n| (n.clone(), facts(&n, if n == "n0" { 8 * GI } else { 0 }, 5))).collect()
 }
 
 struct Case {
     rollout: ModelRollout,
     target: EffectiveTarget,
-    nodes: BTreeMap<String, NodeFacts>,
+    nodes: BTreeMap<String, NodeFacts<'static>>,
     deployments: Vec<ModelDeployment>,
     contested: BTreeMap<String, Vec<Claim>>,
     aborted: bool,
@@ -164,7 +164,7 @@ fn nodes_holding_the_target_locally_go_first() {
 #[test]
 fn a_deployment_on_the_target_keeps_its_variant_even_when_the_disk_is_now_full() {
     let mut c = Case::new(1, None);
-    c.nodes.get_mut("n0").unwrap().capabilities.as_mut().unwrap().storage_free_bytes = 0;
+    c.nodes.get_mut("n0").unwrap().capabilities.as_mut().unwrap().to_mut().storage_free_bytes = 0;
     c.deployments =
         vec![owned("uid-vision", "n0", "2.0.0", "sha256:cuda2", status(DeploymentPhase::Operational, Some("2.0.0")))];
     let plan = c.plan();
