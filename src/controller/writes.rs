@@ -104,8 +104,8 @@ pub(crate) async fn apply_plan(
         .collect();
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     // Collected first: a lazy iterator of borrowing closures trips the Send bound of the controller.
-    // Each body is built when its write starts: built up front, 10,000 JSON bodies were the largest
-    // thing the controller held while it created a fleet's deployments.
+    // Each body is built when its write starts: built up front, a whole fleet's JSON bodies were
+    // held at once while 16 of them were being sent.
     let (ns, owner) = (&ns, &owner);
     let applies: Vec<_> = plan
         .apply

@@ -8,8 +8,8 @@ use crate::api::shared::LABEL_FORMATION;
 use crate::api::{CapableScope, LabelRequirement, ModelNodeStatus, NodeSelector, ScopeSpec, SelectorOperator};
 
 /// What planning knows of one node: its Node labels and what its agent reported. The controller
-/// borrows them from its caches (a reconcile reads every node: copying 10,000 nodes' labels and
-/// statuses each time cost more than the rest of the reconcile); tests own them.
+/// borrows them from its caches (a reconcile reads every node, and copied every node's labels and
+/// status twice, as often as five times a second while reports stream in); tests own them.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct NodeFacts<'a> {
     /// Node name (also the ModelNode's name).
