@@ -166,12 +166,7 @@ async fn run(n: usize, last: bool) -> Duration {
     let controller_writes = controller.metric("peat_controller_deployment_writes_total").await.unwrap_or(0.0)
         + controller.metric("peat_controller_status_writes_total").await.unwrap_or(0.0);
     let rss = support::peak_rss_mib(controller.process.pid());
-    let rss_now = std::fs::read_to_string(format!("/proc/{}/status", controller.process.pid()))
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0);
+    let rss_now = support::rss_mib(controller.process.pid());
 
     drop(controller);
     // The floors once more, now that the controller has stopped, and one after another.

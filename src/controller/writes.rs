@@ -118,14 +118,13 @@ pub(crate) async fn apply_plan(
             (!same).then_some((name, i))
         })
         .collect();
-    let (api_ref, pp_ref, ns_ref, owner_ref) = (&api, &pp, ns.as_str(), &owner);
     futures::stream::iter(todo)
-        .map(|(name, i)| apply_one(ctx, api_ref, pp_ref, ns_ref, owner_ref, name, &plan.apply[i]))
+        .map(|(name, i)| apply_one(ctx, &api, &pp, &ns, &owner, name, &plan.apply[i]))
         .buffer_unordered(WRITE_CONCURRENCY)
         .try_collect::<Vec<()>>()
         .await?;
     futures::stream::iter(0..plan.delete.len())
-        .map(|i| delete_one(ctx, api_ref, &plan.delete[i]))
+        .map(|i| delete_one(ctx, &api, &plan.delete[i]))
         .buffer_unordered(WRITE_CONCURRENCY)
         .try_collect::<Vec<()>>()
         .await?;
