@@ -84,6 +84,7 @@ async fn run(n: usize, last: bool) -> Duration {
         support::start_controller(&format!("bench-controller-{n}"), &system.ns, &["--heartbeat-timeout", "1h"]).await;
     controller.wait_leading(Duration::from_secs(60)).await;
     let writes_before = write_requests(&client).await;
+    let rss_idle = support::rss_mib(controller.process.pid());
 
     // Count ModelDeployments as they appear, from a watch of their metadata (no polling of big
     // lists; the API server encodes, and this process decodes, as little as it can).
@@ -167,6 +168,8 @@ async fn run(n: usize, last: bool) -> Duration {
         + controller.metric("peat_controller_status_writes_total").await.unwrap_or(0.0);
     let rss = support::peak_rss_mib(controller.process.pid());
     let rss_now = support::rss_mib(controller.process.pid());
+    let pid = controller.process.pid();
+    let (anon, file) = (support::status_mib(pid, "RssAnon:"), support::status_mib(pid, "RssFile:"));
 
     drop(controller);
     // The floors once more, now that the controller has stopped, and one after another.
@@ -200,7 +203,9 @@ async fn run(n: usize, last: bool) -> Duration {
         "  API write requests per node: {:.2} by the controller ({controller_writes:.0} writes); all peat.dev writes in the window: {delta:?}",
         controller_writes / n as f64
     );
-    println!("  controller peak RSS: {rss:.1} MiB ({rss_now:.1} MiB once Converged)");
+    println!(
+        "  controller peak RSS: {rss:.1} MiB ({rss_now:.1} MiB once Converged: {anon:.1} anonymous, {file:.1} file-backed; {rss_idle:.1} MiB with the nodes cached, before the rollout)"
+    );
     println!("  lag from the last agent report to Converged: {:.2} s", lag.as_secs_f64());
     println!(
         "  report storm: {n} status reports in {:.1} s; controller CPU {storm_cpu:.2} s from the storm's start to Converged",

@@ -156,6 +156,21 @@ impl AsRef<ModelDeployment> for ModelDeployment {
     }
 }
 
+impl ModelDeploymentSpec {
+    /// The labels the controller writes on the ModelDeployment of this spec: model, version and
+    /// node (label values are at most 63 characters; a longer node name goes without its label).
+    pub fn labels(&self) -> std::collections::BTreeMap<String, String> {
+        use super::shared::{LABEL_MODEL, LABEL_NODE, LABEL_VERSION};
+        let mut labels = std::collections::BTreeMap::new();
+        labels.insert(LABEL_MODEL.to_string(), self.model.clone());
+        labels.insert(LABEL_VERSION.to_string(), self.version.clone());
+        if self.node_name.len() <= 63 {
+            labels.insert(LABEL_NODE.to_string(), self.node_name.clone());
+        }
+        labels
+    }
+}
+
 impl ModelDeployment {
     /// The object name for a model on a node: `<model>.<node>`, shortened with a hash of the node
     /// name when that would pass the 253 characters an object name may have.
@@ -169,5 +184,19 @@ impl ModelDeployment {
         let keep = 253 - model.len() - 1 - 1 - 10;
         let head = node[..keep].trim_end_matches(['.', '-']);
         format!("{model}.{head}-{}", &hash[..10])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::plan::fixtures::deployment_spec;
+
+    #[test]
+    fn labels_name_model_version_and_a_node_short_enough_for_a_label() {
+        let labels = deployment_spec("edge-1", "vision", "1.0.0", "r/m@sha256:aa").labels();
+        let got: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(got, [("peat.dev/model", "vision"), ("peat.dev/node", "edge-1"), ("peat.dev/version", "1.0.0")]);
+        let long = deployment_spec(&"n".repeat(64), "vision", "1.0.0", "r/m@sha256:aa").labels();
+        assert_eq!(long.len(), 2, "a node name over 63 characters is no label value");
     }
 }

@@ -17,8 +17,8 @@ use tokio::time::Instant;
 use oci_client::secrets::RegistryAuth;
 
 use crate::api::ModelRollout;
-use crate::oci::client::{Clients, OciError, auth_fingerprint, auth_from_secret, parse_reference};
-use crate::oci::{Resolved, resolve};
+use crate::oci::Resolved;
+use crate::oci::client::{Clients, OciError, auth_fingerprint, auth_from_secret, reference_to, resolve_reference};
 
 /// Why a source could not be resolved.
 #[derive(Debug, thiserror::Error)]
@@ -104,7 +104,7 @@ impl Resolver {
         rollout: &ModelRollout,
     ) -> Result<(String, RegistryAuth), ResolveError> {
         let repo = &rollout.spec.source.repository;
-        let registry = parse_reference(&format!("{repo}:latest"))?.resolve_registry().to_string();
+        let registry = reference_to(repo, "latest").resolve_registry().to_string();
         let Some(name) = rollout.spec.source.pull_secret.as_deref() else {
             return Ok((registry, RegistryAuth::Anonymous));
         };
@@ -135,9 +135,9 @@ impl Resolver {
             }
         }
         let resolved = match pinned_digest {
-            Some(d) => self.read(client, rollout, &format!("{repo}@{d}")).await?,
+            Some(d) => self.read(client, rollout, d).await?,
             None => {
-                let resolved = self.read(client, rollout, &format!("{repo}:{version}")).await?;
+                let resolved = self.read(client, rollout, version).await?;
                 // Just read: should a node wait for a variant, the next look comes later.
                 let first = Recheck { due: Instant::now() + TAG_RECHECK_FIRST, attempts: 0, moved_reported: None };
                 self.rechecks.lock().expect("resolver lock").insert(recheck_key(rollout, version), first);
@@ -147,17 +147,18 @@ impl Resolver {
         Ok(resolved)
     }
 
-    /// Reads a reference from the registry (no cache), and caches the index by its digest.
+    /// Reads the rollout's repository at a version or digest from the registry (no cache), and
+    /// caches the index by its digest.
     async fn read(
         &self,
         client: &kube::Client,
         rollout: &ModelRollout,
-        reference: &str,
+        tag_or_digest: &str,
     ) -> Result<Resolved, ResolveError> {
         let (registry, auth) = self.access(client, rollout).await?;
         let source = &rollout.spec.source;
         let oci = self.clients.get(&registry, source.insecure, source.ca_bundle.as_deref(), &auth)?;
-        let resolved = resolve(&oci, &auth, reference).await?;
+        let resolved = resolve_reference(&oci, &auth, &reference_to(&source.repository, tag_or_digest)).await?;
         let key = format!("{}|{}@{}", access_fingerprint(rollout, &auth), source.repository, resolved.digest);
         self.by_digest.lock().expect("resolver lock").insert(key, resolved.clone());
         Ok(resolved)
@@ -188,7 +189,7 @@ impl Resolver {
             e.due = now + wait;
             wait
         };
-        let fresh = match self.read(client, rollout, &format!("{}:{version}", rollout.spec.source.repository)).await {
+        let fresh = match self.read(client, rollout, version).await {
             Ok(fresh) if fresh.digest != pinned.digest => fresh,
             Ok(_) => return (TagNow::Same, wait),
             Err(e) => {

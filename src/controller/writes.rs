@@ -13,7 +13,6 @@ use serde_json::json;
 use tracing::warn;
 
 use super::context::Context;
-use crate::api::shared::{LABEL_MODEL, LABEL_NODE, LABEL_VERSION};
 use crate::api::{ModelDeployment, ModelDeploymentSpec, ModelRollout, ModelRolloutStatus};
 use crate::plan::strategy::{Plan, controller_uid};
 
@@ -161,24 +160,41 @@ fn deployment_object(
     owner: &k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
     desired: &ModelDeploymentSpec,
 ) -> serde_json::Value {
-    let mut labels = serde_json::Map::new();
-    labels.insert(LABEL_MODEL.into(), json!(desired.model));
-    labels.insert(LABEL_VERSION.into(), json!(desired.version));
-    // Label values are at most 63 characters; longer node names go without the label.
-    if desired.node_name.len() <= 63 {
-        labels.insert(LABEL_NODE.into(), json!(desired.node_name));
-    }
     json!({
         "apiVersion": "peat.dev/v1alpha1",
         "kind": "ModelDeployment",
-        "metadata": {"name": name, "namespace": ns, "labels": labels, "ownerReferences": [owner]},
+        "metadata": {"name": name, "namespace": ns, "labels": desired.labels(), "ownerReferences": [owner]},
         "spec": desired,
     })
 }
 
+/// Whether the cached deployment `existing` is what applying `spec` for `owner_uid` would write.
 fn same_deployment(existing: &ModelDeployment, spec: &ModelDeploymentSpec, owner_uid: &str) -> bool {
-    existing.spec == *spec
-        && controller_uid(existing) == Some(owner_uid)
-        && existing.labels().get(LABEL_VERSION) == Some(&spec.version)
-        && existing.labels().get(LABEL_MODEL) == Some(&spec.model)
+    let labels_as_written = match &existing.metadata.labels {
+        None => true, // dropped by watches::trim_labels as those of existing.spec, which equals spec
+        Some(found) => *found == spec.labels(),
+    };
+    existing.spec == *spec && controller_uid(existing) == Some(owner_uid) && labels_as_written
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::fixtures::owned;
+
+    #[test]
+    fn a_deployment_is_written_again_unless_its_labels_are_as_written() {
+        let mut md = owned("uid-vision", "edge-1", "1.0.0", "sha256:aa", None);
+        let spec = md.spec.clone();
+        // Cached with labels as written (the watch dropped them): the same.
+        md.metadata.labels = None;
+        assert!(same_deployment(&md, &spec, "uid-vision"));
+        assert!(!same_deployment(&md, &ModelDeploymentSpec { version: "2.0.0".into(), ..spec.clone() }, "uid-vision"));
+        assert!(!same_deployment(&md, &spec, "uid-other"));
+        // Cached with labels that differ, or none at all (kept by the watch): written again.
+        md.metadata.labels = Some(Default::default());
+        assert!(!same_deployment(&md, &spec, "uid-vision"));
+        md.metadata.labels = Some(spec.labels());
+        assert!(same_deployment(&md, &spec, "uid-vision"));
+    }
 }

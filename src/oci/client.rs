@@ -374,9 +374,34 @@ pub struct Resolved {
 /// Reads `<repository>:<tag>` or `<repository>@<digest>`: an image index (one entry per variant) or
 /// a single manifest (one variant, e.g. an ORAS artifact).
 pub async fn resolve(client: &oci_client::Client, auth: &RegistryAuth, reference: &str) -> Result<Resolved, OciError> {
-    let r = parse_reference(reference)?;
+    resolve_reference(client, auth, &parse_reference(reference)?).await
+}
+
+/// `repository` (`host[:port]/path`) at `tag_or_digest` (a digest has a `:`, which no tag has),
+/// made from its parts without parsing: for a repository and version the API server has already
+/// checked (the ModelRollout schema's rules), or a digest a registry gave. oci-spec's parser
+/// compiles its reference regex on first use — 5.4 MiB of heap, held for the life of the process
+/// (its tag rule is a Unicode `\w` repeated up to 128 times), measured in the controller with
+/// heaptrack. The controller resolves through this; commands that take references from a user
+/// (`peat push`, the agent's artifact) keep the parser's checks.
+pub fn reference_to(repository: &str, tag_or_digest: &str) -> Reference {
+    let (registry, path) = repository.split_once('/').unwrap_or((repository, ""));
+    if tag_or_digest.contains(':') {
+        Reference::with_digest(registry.into(), path.into(), tag_or_digest.into())
+    } else {
+        Reference::with_tag(registry.into(), path.into(), tag_or_digest.into())
+    }
+}
+
+/// [`resolve`] of a reference already made.
+pub async fn resolve_reference(
+    client: &oci_client::Client,
+    auth: &RegistryAuth,
+    r: &Reference,
+) -> Result<Resolved, OciError> {
+    let reference = &r.whole();
     let (manifest, digest) =
-        patiently(|| client.pull_manifest(&r, auth)).await.map_err(|e| OciError::from_client(reference, e))?;
+        patiently(|| client.pull_manifest(r, auth)).await.map_err(|e| OciError::from_client(reference, e))?;
     let variants = match &manifest {
         OciManifest::ImageIndex(index) => {
             variants_from_index(index).map_err(|source| OciError::Layout { reference: reference.into(), source })?
@@ -392,6 +417,16 @@ pub async fn resolve(client: &oci_client::Client, auth: &RegistryAuth, reference
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn references_made_from_parts_equal_the_parsed_ones() {
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        for repo in ["127.0.0.1:5000/models/vision", "registry.example.com/team/models/vision", "localhost/m"] {
+            assert_eq!(reference_to(repo, "1.2.0-rc.1"), parse_reference(&format!("{repo}:1.2.0-rc.1")).unwrap());
+            assert_eq!(reference_to(repo, &digest), parse_reference(&format!("{repo}@{digest}")).unwrap());
+        }
+        assert_eq!(reference_to("docker.io/acme/vision", "1.0.0").resolve_registry(), "index.docker.io");
+    }
 
     fn answer(code: u16) -> OciDistributionError {
         OciDistributionError::ServerError { code, url: "http://127.0.0.1/v2/".into(), message: "m".into() }

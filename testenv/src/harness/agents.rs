@@ -78,8 +78,9 @@ pub fn rss_mib(pid: u32) -> f64 {
     status_mib(pid, "VmRSS:")
 }
 
-/// A kB field of /proc/<pid>/status, in MiB (0 when the process is gone).
-fn status_mib(pid: u32, field: &str) -> f64 {
+/// A kB field of /proc/<pid>/status (`VmRSS:`, `RssAnon:`, `RssFile:` …), in MiB (0 when the
+/// process is gone).
+pub fn status_mib(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let kb: f64 = status
         .lines()
