@@ -169,6 +169,12 @@ impl ModelDeploymentSpec {
         }
         labels
     }
+
+    /// Whether `found` holds every label of [`Self::labels`] with its value (labels others added
+    /// may be there too).
+    pub fn labelled_in(&self, found: &std::collections::BTreeMap<String, String>) -> bool {
+        self.labels().iter().all(|(k, v)| found.get(k) == Some(v))
+    }
 }
 
 impl ModelDeployment {
@@ -198,5 +204,12 @@ mod tests {
         assert_eq!(got, [("peat.dev/model", "vision"), ("peat.dev/node", "edge-1"), ("peat.dev/version", "1.0.0")]);
         let long = deployment_spec(&"n".repeat(64), "vision", "1.0.0", "r/m@sha256:aa").labels();
         assert_eq!(long.len(), 2, "a node name over 63 characters is no label value");
+        let spec = deployment_spec("edge-1", "vision", "1.0.0", "r/m@sha256:aa");
+        let mut found = spec.labels();
+        found.insert("team".into(), "vision".into());
+        assert!(spec.labelled_in(&found), "labels others added do not matter");
+        found.insert("peat.dev/version".into(), "0.9.0".into());
+        assert!(!spec.labelled_in(&found));
+        assert!(!spec.labelled_in(&Default::default()));
     }
 }

@@ -212,14 +212,15 @@ fn keep_identity(meta: &mut ObjectMeta) {
         .filter(|refs| !refs.is_empty());
 }
 
-/// Drops a ModelDeployment's labels when they are exactly those its spec gives
-/// ([`crate::api::ModelDeploymentSpec::labels`]): `labels: None` in the cache means "as the controller writes
-/// them"; labels that differ stay as found (`Some`, possibly empty), so the deployment is written
-/// again (see `writes::same_deployment`). A label map costs ~600 bytes per object (a B-tree node
-/// and six strings): 6 MiB of a 10,000-node rollout's cache.
+/// Drops a ModelDeployment's labels when every label its spec gives is there with its value
+/// ([`crate::api::ModelDeploymentSpec::labelled_in`]): nothing else of them is
+/// read, and `labels: None` in the cache means "as the controller writes them" (labels others
+/// added may be there too). Otherwise they stay as found (`Some`, possibly empty), and the
+/// deployment is written again (see `writes::same_deployment`). A label map costs ~600 bytes per
+/// object (a B-tree node and six strings): 6 MiB of a 10,000-node rollout's cache.
 fn trim_labels(md: &mut ModelDeployment) {
     let found = md.metadata.labels.take().unwrap_or_default();
-    if found != md.spec.labels() {
+    if !md.spec.labelled_in(&found) {
         md.metadata.labels = Some(found);
     }
 }
@@ -325,6 +326,12 @@ mod tests {
         let mut md = as_applied();
         trim_labels(&mut md);
         assert_eq!(md.metadata.labels, None);
+
+        // Labels someone added do not matter: nothing reads them.
+        let mut added = as_applied();
+        added.labels_mut().insert("team".into(), "vision".into());
+        trim_labels(&mut added);
+        assert_eq!(added.metadata.labels, None);
 
         let mut edited = as_applied();
         edited.labels_mut().insert("peat.dev/version".into(), "0.9.0".into());

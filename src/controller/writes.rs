@@ -170,11 +170,13 @@ fn deployment_object(
 
 /// Whether the cached deployment `existing` is what applying `spec` for `owner_uid` would write.
 fn same_deployment(existing: &ModelDeployment, spec: &ModelDeploymentSpec, owner_uid: &str) -> bool {
-    let labels_as_written = match &existing.metadata.labels {
-        None => true, // dropped by watches::trim_labels as those of existing.spec, which equals spec
-        Some(found) => *found == spec.labels(),
+    let labels = match &existing.metadata.labels {
+        None => true, // dropped by watches::trim_labels as written for existing.spec, which equals spec
+        // Labels others added are left alone: requiring their absence would rewrite the
+        // deployment at every reconcile, as an apply does not remove another manager's labels.
+        Some(found) => spec.labelled_in(found),
     };
-    existing.spec == *spec && controller_uid(existing) == Some(owner_uid) && labels_as_written
+    existing.spec == *spec && controller_uid(existing) == Some(owner_uid) && labels
 }
 
 #[cfg(test)]
@@ -195,6 +197,9 @@ mod tests {
         md.metadata.labels = Some(Default::default());
         assert!(!same_deployment(&md, &spec, "uid-vision"));
         md.metadata.labels = Some(spec.labels());
+        assert!(same_deployment(&md, &spec, "uid-vision"));
+        // A label someone added changes nothing.
+        md.labels_mut().insert("team".into(), "vision".into());
         assert!(same_deployment(&md, &spec, "uid-vision"));
     }
 }
