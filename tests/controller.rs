@@ -380,6 +380,49 @@ async fn pause_resume_upgrade_rollback_and_delete() {
 }
 
 #[tokio::test]
+async fn what_the_rollout_no_longer_sets_is_removed_from_its_deployments() {
+    // The controller creates deployments by POST and changes them by server-side apply; an apply
+    // alone would leave the fields the create wrote (see writes::write_one).
+    let s = setup("dropped-fields", &["1.0.0"]).await;
+    let nodes: Vec<String> = (0..2).map(|i| s.node(&format!("n{i}"))).collect();
+    for n in &nodes {
+        register_node(&s.ctx.client, &NodeSpec::new(n, "amd64", 0, &["cpu"])).await;
+    }
+    let http_get = json!({"protocol": "HttpGet", "port": 8080, "path": "/ready", "minReadySeconds": 5});
+    s.apply(
+        "drop",
+        json!({"model": "m", "version": "1.0.0", "scope": {"nodes": nodes}, "serving": http_get,
+               "variant": {"maxSizeBytes": GI}}),
+    )
+    .await;
+    let mds = s.deployments_on("m", &nodes).await;
+    for md in mds.values() {
+        let serving = md.spec.serving.as_ref().expect("serving as the rollout says");
+        assert_eq!((serving.path.as_deref(), serving.min_ready_seconds), (Some("/ready"), 5));
+        assert_eq!(md.spec.max_size_bytes, Some(GI));
+    }
+    // A nested field and a whole optional field dropped (the apply by "peat-test" removes them
+    // from the rollout): gone from every deployment too.
+    s.apply("drop", json!({"model": "m", "version": "1.0.0", "scope": {"nodes": nodes}, "serving": {"port": 8080}}))
+        .await;
+    support::eventually("deployments without path, minReadySeconds and maxSizeBytes", T, || async {
+        let mds = s.deployments("m").await;
+        mds.values()
+            .all(|md| {
+                md.spec.max_size_bytes.is_none()
+                    && md.spec.serving.as_ref().is_some_and(|v| v.path.is_none() && v.min_ready_seconds == 0)
+            })
+            .then_some(())
+    })
+    .await;
+    s.apply("drop", json!({"model": "m", "version": "1.0.0", "scope": {"nodes": nodes}})).await;
+    support::eventually("deployments without serving", T, || async {
+        s.deployments("m").await.values().all(|md| md.spec.serving.is_none()).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_stale_heartbeat_is_a_network_partition_until_it_is_fresh_again() {
     let s = setup("partition", &["1.0.0"]).await;
     let a = s.node("a");

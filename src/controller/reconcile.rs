@@ -74,17 +74,33 @@ pub async fn reconcile(rollout: Arc<ModelRollout>, ctx: Arc<Context>) -> Result<
     ctx.metrics.reconciles.inc();
     let ns = rollout.namespace().unwrap_or_default();
     let api: Api<ModelRollout> = Api::namespaced(ctx.client.clone(), &ns);
-    let result = finalizer(&api, FINALIZER, rollout, |event| async {
-        match event {
-            Finalizer::Apply(r) => apply(r, ctx.clone()).await,
-            Finalizer::Cleanup(r) => cleanup(r, ctx.clone()).await,
-        }
-    })
-    .await
-    .map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Finalizer(Box::new(other)),
-    });
+    let result = async {
+        // kube-runtime's `finalizer` adds a missing finalizer and ends the reconcile, leaving the
+        // rest to the trigger the write causes — which the throttle holds back up to
+        // TRIGGER_INTERVAL, so every new rollout's first deployments would wait for it. The
+        // finalizer is added here instead, and the reconcile goes on with the stored rollout.
+        let rollout =
+            if rollout.metadata.deletion_timestamp.is_none() && !rollout.finalizers().iter().any(|f| f == FINALIZER) {
+                let stored = writes::add_finalizer(&api, &rollout, FINALIZER)
+                    .await
+                    .map_err(|e| Error::Finalizer(Box::new(kube::runtime::finalizer::Error::AddFinalizer(e))))?;
+                Arc::new(stored)
+            } else {
+                rollout
+            };
+        finalizer(&api, FINALIZER, rollout, |event| async {
+            match event {
+                Finalizer::Apply(r) => apply(r, ctx.clone()).await,
+                Finalizer::Cleanup(r) => cleanup(r, ctx.clone()).await,
+            }
+        })
+        .await
+        .map_err(|e| match e {
+            kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+            other => Error::Finalizer(Box::new(other)),
+        })
+    }
+    .await;
     ctx.metrics.duration.observe(started.elapsed().as_secs_f64());
     result
 }
