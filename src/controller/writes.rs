@@ -189,8 +189,10 @@ async fn write_one(
             let post = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
             match api.create(&post, &obj).await {
                 Ok(_) => {}
-                // There already (the cache is behind, or someone else made it): applied instead.
+                // There already (the cache is behind, or someone else made it): applied instead,
+                // and both requests counted.
                 Err(kube::Error::Api(s)) if s.code == 409 => {
+                    ctx.metrics.deployment_writes.inc();
                     api.patch(&name, pp, &Patch::Apply(&obj)).await?;
                 }
                 Err(e) => return Err(e),
