@@ -84,7 +84,8 @@ async fn run(n: usize, last: bool) -> Duration {
         support::start_controller(&format!("bench-controller-{n}"), &system.ns, &["--heartbeat-timeout", "1h"]).await;
     controller.wait_leading(Duration::from_secs(60)).await;
     let writes_before = write_requests(&client).await;
-    let rss_idle = support::rss_mib(controller.process.pid());
+    let pid = controller.process.pid();
+    let rss_idle = support::rss_mib(pid);
 
     // Count ModelDeployments as they appear, from a watch of their metadata (no polling of big
     // lists; the API server encodes, and this process decodes, as little as it can).
@@ -112,7 +113,7 @@ async fn run(n: usize, last: bool) -> Duration {
     let rollout = json!({"apiVersion": "peat.dev/v1alpha1", "kind": "ModelRollout", "metadata": {"name": "scale"},
         "spec": {"model": "m", "version": "1.0.0", "source": {"repository": repo, "insecure": true},
                  "scope": {"nodeSelector": {"matchLabels": {"bench": prefix}}}, "strategy": {"maxParallel": "100%"}}});
-    let cpu_at_apply = cpu_seconds(controller.process.pid());
+    let cpu_at_apply = cpu_seconds(pid);
     let applied = Instant::now();
     rollouts.patch("scale", &PatchParams::apply("bench").force(), &Patch::Apply(&rollout)).await.unwrap();
     let (first_created, all_created) = tokio::time::timeout(Duration::from_secs(600), all_created_rx)
@@ -120,12 +121,12 @@ async fn run(n: usize, last: bool) -> Duration {
         .expect("all deployments within 10 min")
         .unwrap();
     let create_time = all_created - applied;
-    let create_cpu = cpu_seconds(controller.process.pid()) - cpu_at_apply;
+    let create_cpu = cpu_seconds(pid) - cpu_at_apply;
     watch.abort();
 
     // Simulated agents: every node reports Operational — a report storm, N status writes as fast
     // as this process makes them; the controller's CPU time is read around it.
-    let cpu_before = cpu_seconds(controller.process.pid());
+    let cpu_before = cpu_seconds(pid);
     let storm = Instant::now();
     let names: Vec<String> =
         md_api.list(&Default::default()).await.unwrap().items.into_iter().filter_map(|m| m.metadata.name).collect();
@@ -158,7 +159,7 @@ async fn run(n: usize, last: bool) -> Duration {
         tokio::time::timeout(Duration::from_secs(600), wait).await.expect("Converged within 10 min")
     };
     let lag = converged_at.saturating_duration_since(last_report);
-    let storm_cpu = cpu_seconds(controller.process.pid()) - cpu_before;
+    let storm_cpu = cpu_seconds(pid) - cpu_before;
     let writes_after = write_requests(&client).await;
     let delta: BTreeMap<String, f64> = writes_after
         .iter()
@@ -168,9 +169,8 @@ async fn run(n: usize, last: bool) -> Duration {
     // Only the controller's writes: the agents' status reports are the simulation's, not the controller's.
     let controller_writes = controller.metric("peat_controller_deployment_writes_total").await.unwrap_or(0.0)
         + controller.metric("peat_controller_status_writes_total").await.unwrap_or(0.0);
-    let rss = support::peak_rss_mib(controller.process.pid());
-    let rss_now = support::rss_mib(controller.process.pid());
-    let pid = controller.process.pid();
+    let rss = support::peak_rss_mib(pid);
+    let rss_now = support::rss_mib(pid);
     let (anon, file) = (support::status_mib(pid, "RssAnon:"), support::status_mib(pid, "RssFile:"));
 
     drop(controller);

@@ -160,20 +160,19 @@ impl ModelDeploymentSpec {
     /// The labels the controller writes on the ModelDeployment of this spec: model, version and
     /// node (label values are at most 63 characters; a longer node name goes without its label).
     pub fn labels(&self) -> std::collections::BTreeMap<String, String> {
-        use super::shared::{LABEL_MODEL, LABEL_NODE, LABEL_VERSION};
-        let mut labels = std::collections::BTreeMap::new();
-        labels.insert(LABEL_MODEL.to_string(), self.model.clone());
-        labels.insert(LABEL_VERSION.to_string(), self.version.clone());
-        if self.node_name.len() <= 63 {
-            labels.insert(LABEL_NODE.to_string(), self.node_name.clone());
-        }
-        labels
+        self.label_pairs().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     /// Whether `found` holds every label of [`Self::labels`] with its value (labels others added
-    /// may be there too).
+    /// may be there too). Read for every ModelDeployment event, so it builds no map.
     pub fn labelled_in(&self, found: &std::collections::BTreeMap<String, String>) -> bool {
-        self.labels().iter().all(|(k, v)| found.get(k) == Some(v))
+        self.label_pairs().all(|(k, v)| found.get(k).is_some_and(|f| f == v))
+    }
+
+    fn label_pairs(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        use super::shared::{LABEL_MODEL, LABEL_NODE, LABEL_VERSION};
+        let node = (self.node_name.len() <= 63).then_some((LABEL_NODE, self.node_name.as_str()));
+        [(LABEL_MODEL, self.model.as_str()), (LABEL_VERSION, self.version.as_str())].into_iter().chain(node)
     }
 }
 

@@ -49,7 +49,7 @@ pub(crate) fn start(
 ) -> Caches {
     let rollouts = watch(
         client,
-        |r: &mut ModelRollout| r.managed_fields_mut().clear(),
+        |r: &mut ModelRollout| r.metadata.managed_fields = None,
         |_| None,
         |r: &ModelRollout| vec![ObjectRef::from_obj(r)],
         triggers,
