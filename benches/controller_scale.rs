@@ -3,7 +3,9 @@
 //! Registers N Nodes + ModelNodes, applies one rollout (maxParallel 100%) and prints:
 //! - time until all N ModelDeployments exist ÷ the time this benchmark takes to create N such
 //!   objects itself (the floors: one after another, and 16 in flight like the controller; also,
-//!   for reference, 16 server-side applies in flight), measured after the controller stopped;
+//!   for reference, 16 server-side applies in flight), measured before the controller starts and
+//!   after it stopped, the faster of the two; the controller's creates and the in-flight floors
+//!   are each timed until a watch of the objects' metadata has seen the last;
 //! - API write requests per node by the controller;
 //! - the controller's peak RSS;
 //! - the lag between the last simulated agent report and the Converged status;
@@ -87,28 +89,9 @@ async fn run(n: usize, last: bool) -> Duration {
     let pid = controller.process.pid();
     let rss_idle = support::rss_mib(pid);
 
-    // Count ModelDeployments as they appear, from a watch of their metadata (no polling of big
-    // lists; the API server encodes, and this process decodes, as little as it can).
+    // Counted as they appear, by the same kind of watch that times the floors.
     let md_api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ctx.ns);
-    let (all_created_tx, all_created_rx) = tokio::sync::oneshot::channel::<(Instant, Instant)>();
-    let watch = {
-        let md_meta: Api<kube::core::PartialObjectMeta<ModelDeployment>> = Api::namespaced(client.clone(), &ctx.ns);
-        tokio::spawn(async move {
-            let mut seen = std::collections::HashSet::new();
-            let mut tx = Some(all_created_tx);
-            let mut first = None;
-            let mut s = std::pin::pin!(watcher::watcher(md_meta, watcher::Config::default()).applied_objects());
-            while let Some(Ok(md)) = s.next().await {
-                let first = *first.get_or_insert_with(Instant::now);
-                seen.insert(md.metadata.name.clone().unwrap_or_default());
-                if seen.len() == n
-                    && let Some(tx) = tx.take()
-                {
-                    let _ = tx.send((first, Instant::now()));
-                }
-            }
-        })
-    };
+    let arrived = Arrivals::watch(&md_api, "peat.dev/model=m", n).await;
     let rollouts: Api<ModelRollout> = Api::namespaced(client.clone(), &ctx.ns);
     let rollout = json!({"apiVersion": "peat.dev/v1alpha1", "kind": "ModelRollout", "metadata": {"name": "scale"},
         "spec": {"model": "m", "version": "1.0.0", "source": {"repository": repo, "insecure": true},
@@ -116,13 +99,9 @@ async fn run(n: usize, last: bool) -> Duration {
     let cpu_at_apply = cpu_seconds(pid);
     let applied = Instant::now();
     rollouts.patch("scale", &PatchParams::apply("bench").force(), &Patch::Apply(&rollout)).await.unwrap();
-    let (first_created, all_created) = tokio::time::timeout(Duration::from_secs(600), all_created_rx)
-        .await
-        .expect("all deployments within 10 min")
-        .unwrap();
+    let (first_created, all_created) = arrived.all().await;
     let create_time = all_created - applied;
     let create_cpu = cpu_seconds(pid) - cpu_at_apply;
-    watch.abort();
 
     // Simulated agents: every node reports Operational — a report storm, N status writes as fast
     // as this process makes them; the controller's CPU time is read around it.
@@ -242,20 +221,25 @@ fn floor_object(repo: &str, node: &str, model: &str) -> ModelDeployment {
 }
 
 /// Times writing one such object per node, 16 in flight: created (models `floor-par-<tag>`), then
-/// server-side applied (`floor-ssa-<tag>`).
+/// server-side applied (`floor-ssa-<tag>`). Each is timed like the controller: until a watch of
+/// the objects' metadata has seen the last.
 async fn in_flight_floors(api: &Api<ModelDeployment>, repo: &str, nodes: &[String], tag: &str) -> (Duration, Duration) {
+    let model = format!("floor-par-{tag}");
+    let arrived = Arrivals::watch(api, &format!("peat.dev/model={model}"), nodes.len()).await;
     let t = Instant::now();
     futures::stream::iter(nodes.iter().map(|node| {
-        let obj = floor_object(repo, node, &format!("floor-par-{tag}"));
+        let obj = floor_object(repo, node, &model);
         async move { api.create(&PostParams::default(), &obj).await.expect("direct create") }
     }))
     .buffer_unordered(16)
     .collect::<Vec<_>>()
     .await;
-    let create = t.elapsed();
+    let create = arrived.all().await.1 - t;
+    let model = format!("floor-ssa-{tag}");
+    let arrived = Arrivals::watch(api, &format!("peat.dev/model={model}"), nodes.len()).await;
     let t = Instant::now();
     futures::stream::iter(nodes.iter().map(|node| {
-        let obj = floor_object(repo, node, &format!("floor-ssa-{tag}"));
+        let obj = floor_object(repo, node, &model);
         async move {
             let name = obj.metadata.name.clone().unwrap_or_default();
             api.patch(&name, &PatchParams::apply("bench").force(), &Patch::Apply(&obj)).await.expect("direct apply")
@@ -264,7 +248,61 @@ async fn in_flight_floors(api: &Api<ModelDeployment>, repo: &str, nodes: &[Strin
     .buffer_unordered(16)
     .collect::<Vec<_>>()
     .await;
-    (create, t.elapsed())
+    (create, arrived.all().await.1 - t)
+}
+
+/// A watch of ModelDeployments' metadata that says when it has seen the first and the n-th new
+/// one. The controller's creates and the floors are both timed by one, so that neither is charged
+/// alone for the watch the measurement needs (the API server sends it every object).
+struct Arrivals {
+    task: tokio::task::JoinHandle<()>,
+    done: tokio::sync::oneshot::Receiver<(Instant, Instant)>,
+}
+
+impl Arrivals {
+    /// Starts watching objects of `selector`, and returns once the watch has listed what exists.
+    async fn watch(api: &Api<ModelDeployment>, selector: &str, n: usize) -> Arrivals {
+        let (listed_tx, listed) = tokio::sync::oneshot::channel();
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        let stream = watcher::metadata_watcher(api.clone(), watcher::Config::default().labels(selector));
+        let task = tokio::spawn(async move {
+            let (mut listed_tx, mut done_tx) = (Some(listed_tx), Some(done_tx));
+            let mut seen = std::collections::HashSet::new();
+            let mut first = None;
+            let mut stream = std::pin::pin!(stream);
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(watcher::Event::InitDone) => {
+                        if let Some(tx) = listed_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(watcher::Event::Apply(md)) if listed_tx.is_none() => {
+                        let first = *first.get_or_insert_with(Instant::now);
+                        seen.insert(md.metadata.name.unwrap_or_default());
+                        if seen.len() == n
+                            && let Some(tx) = done_tx.take()
+                        {
+                            let _ = tx.send((first, Instant::now()));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(60), listed).await.expect("watch listed within 60 s").unwrap();
+        Arrivals { task, done }
+    }
+
+    /// When the first and the n-th object appeared; fails after 10 minutes.
+    async fn all(self) -> (Instant, Instant) {
+        let seen = tokio::time::timeout(Duration::from_secs(600), self.done)
+            .await
+            .expect("all objects within 10 min")
+            .expect("the watch ended");
+        self.task.abort();
+        seen
+    }
 }
 
 /// Deletes the named objects (none has a finalizer), a few at a time: one request deleting a
