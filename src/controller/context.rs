@@ -45,15 +45,16 @@ pub(crate) struct NodeObjects {
 }
 
 impl NodeObjects {
-    /// Everything known of every node: Node labels joined with ModelNode status, borrowed.
-    pub(crate) fn node_facts(&self) -> BTreeMap<String, NodeFacts<'_>> {
+    /// Everything known of every node: Node labels joined with ModelNode status, borrowed (names
+    /// too: this runs at every reconcile, for every node).
+    pub(crate) fn node_facts(&self) -> BTreeMap<Cow<'_, str>, NodeFacts<'_>> {
         static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
-        let mut out: BTreeMap<String, NodeFacts<'_>> = BTreeMap::new();
+        let mut out: BTreeMap<Cow<'_, str>, NodeFacts<'_>> = BTreeMap::new();
         for n in &self.nodes {
             let name = n.metadata.name.as_deref().unwrap_or_default();
             let labels = n.metadata.labels.as_ref().unwrap_or(&NO_LABELS);
             out.insert(
-                name.to_string(),
+                Cow::Borrowed(name),
                 NodeFacts { name: Cow::Borrowed(name), labels: Cow::Borrowed(labels), capabilities: None },
             );
         }
@@ -61,7 +62,7 @@ impl NodeObjects {
         for mn in &self.model_nodes {
             let name = mn.metadata.name.as_deref().unwrap_or_default();
             let e = out
-                .entry(name.to_string())
+                .entry(Cow::Borrowed(name))
                 .or_insert_with(|| NodeFacts { name: Cow::Borrowed(name), ..Default::default() });
             e.capabilities = Some(Cow::Borrowed(mn.status.as_ref().unwrap_or(&NO_STATUS)));
         }

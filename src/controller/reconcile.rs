@@ -13,7 +13,7 @@ use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use tracing::{info, instrument, warn};
+use tracing::{debug, info, instrument, warn};
 
 use super::context::{Context, NodeObjects, key};
 use super::metrics::{ErrorLabels, RolloutLabels};
@@ -131,7 +131,7 @@ fn labels(r: &ModelRollout) -> RolloutLabels {
 /// What the caches say, for one rollout.
 struct Observed<'a> {
     /// Every node: Node labels joined with ModelNode facts (borrowed from the caches' objects).
-    facts: BTreeMap<String, NodeFacts<'a>>,
+    facts: BTreeMap<std::borrow::Cow<'a, str>, NodeFacts<'a>>,
     /// The ModelDeployments of the rollout's model, whoever owns them (shared with the cache).
     deployments: Vec<Arc<ModelDeployment>>,
     /// The rollout's targets, or why its scope cannot be evaluated.
@@ -174,9 +174,11 @@ struct Reconcile<'a> {
 }
 
 async fn apply(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
     let mut rec = Reconcile { ctx: &ctx, r: &r, now: Timestamp::now(), status: StatusWriter::new(&r) };
     let nodes = ctx.node_objects();
     let seen = observe(&ctx, &r, &nodes);
+    debug!(since_start = ?started.elapsed(), "observed");
     let recorded_abort = r.status.as_ref().and_then(|s| s.aborted_version.as_deref());
     let targets = match &seen.targets {
         Ok(t) => t,
@@ -192,11 +194,14 @@ async fn apply(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result<Action, Error>
     // revoked pull secret must take its copy with it even though resolution then fails.
     secrets::copy_for_agents(&ctx, &r).await?;
     let target = rec.resolve(&abort).await?;
+    debug!(since_start = ?started.elapsed(), "resolved");
     if abort.newly {
         return rec.record_abort(&abort, &target).await;
     }
     let (plan, target, tag_recheck) = rec.plan(&seen, targets, target, &abort).await?;
+    debug!(targets = targets.len(), planned = plan.apply.len(), since_start = ?started.elapsed(), "planned");
     writes::apply_plan(&ctx, &r, &plan, &seen.deployments).await?;
+    debug!(since_start = ?started.elapsed(), "deployments written");
     let recheck = rec.report(seen.deployments, &plan, &target, abort).await?;
     // Heartbeats age without events: look again when the first one would expire; and at the tag,
     // while a node waits for a variant.

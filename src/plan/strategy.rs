@@ -51,7 +51,7 @@ pub struct PlanInput<'a> {
     /// Target nodes (from the scope), sorted.
     pub targets: &'a [String],
     /// Facts of every known node, by name.
-    pub nodes: &'a BTreeMap<String, NodeFacts<'a>>,
+    pub nodes: &'a BTreeMap<std::borrow::Cow<'a, str>, NodeFacts<'a>>,
     /// ModelDeployments of this model, cluster-wide (the cache's, shared: not cloned per reconcile).
     pub deployments: &'a [std::sync::Arc<ModelDeployment>],
     /// For each target node another rollout also wants: the competing claims (this one included).
@@ -167,6 +167,11 @@ fn refreshed(existing: &ModelDeploymentSpec, spec: &ModelRolloutSpec) -> ModelDe
     }
 }
 
+/// Whether `artifact` (`repository@digest`) is pinned to `digest`.
+fn pins_digest(artifact: &str, digest: &str) -> bool {
+    artifact.strip_suffix(digest).is_some_and(|rest| rest.ends_with('@'))
+}
+
 fn heartbeat_age(facts: &NodeFacts<'_>, now: Timestamp) -> Option<Duration> {
     let hb = facts.capabilities.as_ref()?.last_heartbeat.as_ref()?;
     let ms = now.as_millisecond() - hb.0.as_millisecond();
@@ -256,7 +261,7 @@ pub fn plan_deployments(input: &PlanInput<'_>) -> Plan {
             continue;
         }
 
-        let facts = input.nodes.get(node);
+        let facts = input.nodes.get(node.as_str());
         let Some(caps) = facts.and_then(|f| f.capabilities.as_ref()) else {
             view.planned_blocker = Some(PlannedBlocker {
                 reason: BlockerReason::Unknown,
@@ -291,7 +296,7 @@ pub fn plan_deployments(input: &PlanInput<'_>) -> Plan {
 
         // Already on the target: keep its variant.
         if let Some(md) = existing.filter(|md| md.spec.version == target.version)
-            && let Some(v) = target.variants.iter().find(|v| md.spec.artifact.ends_with(&format!("@{}", v.digest)))
+            && let Some(v) = target.variants.iter().find(|v| pins_digest(&md.spec.artifact, &v.digest))
         {
             view.expected_bytes = v.size;
             plan.apply.push(refreshed(&md.spec, spec));
@@ -349,11 +354,13 @@ pub fn plan_deployments(input: &PlanInput<'_>) -> Plan {
     // Fill free slots: nodes that hold the target locally first (instant), then by name.
     waiting.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
     let free = plan.max_parallel.saturating_sub(plan.in_flight);
-    for (_, node, desired, _) in waiting.into_iter().take(free) {
-        plan.apply.retain(|s| s.node_name != node);
-        plan.apply.push(desired);
-        plan.in_flight += 1;
-    }
+    let starting: Vec<ModelDeploymentSpec> = waiting.into_iter().take(free).map(|(_, _, desired, _)| desired).collect();
+    // One pass over the plan for all of them: a pass per starting node made a 10,000-node
+    // rollout's first plan quadratic (0.6 s).
+    let replaced: BTreeSet<&str> = starting.iter().map(|d| d.node_name.as_str()).collect();
+    plan.apply.retain(|s| !replaced.contains(s.node_name.as_str()));
+    plan.in_flight += starting.len();
+    plan.apply.extend(starting);
     plan.apply.sort_by(|a, b| a.node_name.cmp(&b.node_name));
     plan.delete.sort();
     plan.delete.dedup();

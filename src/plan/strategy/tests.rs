@@ -50,14 +50,17 @@ fn facts(name: &str, gpu: u64, heartbeat_age_s: i64) -> NodeFacts<'static> {
     }
 }
 
-fn fleet(n: usize) -> BTreeMap<String, NodeFacts<'static>> {
-    (0..n).map(|i| format!("n{i}")).map(|n| (n.clone(), facts(&n, if n == "n0" { 8 * GI } else { 0 }, 5))).collect()
+fn fleet(n: usize) -> BTreeMap<std::borrow::Cow<'static, str>, NodeFacts<'static>> {
+    (0..n)
+        .map(|i| format!("n{i}"))
+        .map(|n| (n.clone().into(), facts(&n, if n == "n0" { 8 * GI } else { 0 }, 5)))
+        .collect()
 }
 
 struct Case {
     rollout: ModelRollout,
     target: EffectiveTarget,
-    nodes: BTreeMap<String, NodeFacts<'static>>,
+    nodes: BTreeMap<std::borrow::Cow<'static, str>, NodeFacts<'static>>,
     deployments: Vec<ModelDeployment>,
     contested: BTreeMap<String, Vec<Claim>>,
     aborted: bool,
@@ -75,7 +78,7 @@ impl Case {
         }
     }
     fn plan(&self) -> Plan {
-        let targets: Vec<String> = self.nodes.keys().cloned().collect();
+        let targets: Vec<String> = self.nodes.keys().map(|k| k.to_string()).collect();
         let deployments: Vec<std::sync::Arc<ModelDeployment>> =
             self.deployments.iter().cloned().map(std::sync::Arc::new).collect();
         plan_deployments(&PlanInput {
