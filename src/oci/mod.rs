@@ -5,6 +5,7 @@ pub mod chunk_index;
 pub mod client;
 pub mod digest;
 pub mod layout;
+pub mod patch;
 pub mod push;
 
 pub use client::{OciError, RegistryAccess, Resolved, resolve};
