@@ -40,7 +40,7 @@ impl PatchParams {
         start as usize..end as usize
     }
 
-    /// Window of frame `k`: reaching from its end back to its prefix's start.
+    /// Window log of a frame: reaching from its end back to its prefix's start.
     fn window_log(&self, prefix_len: usize, segment_len: u64) -> u32 {
         let reach = prefix_len as u64 + segment_len;
         (64 - reach.max(1).leading_zeros()).clamp(10, 31)
