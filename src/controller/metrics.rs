@@ -24,6 +24,14 @@ pub struct RolloutLabels {
     pub name: String,
 }
 
+impl RolloutLabels {
+    /// The labels of rollout `r`.
+    pub fn of(r: &crate::api::ModelRollout) -> Self {
+        use kube::ResourceExt;
+        RolloutLabels { namespace: r.namespace().unwrap_or_default(), name: r.name_any() }
+    }
+}
+
 /// The controller's metrics.
 pub struct Metrics {
     /// Reconciles run.

@@ -124,10 +124,6 @@ pub fn error_policy(rollout: Arc<ModelRollout>, error: &Error, ctx: Arc<Context>
     Action::requeue(delay)
 }
 
-fn labels(r: &ModelRollout) -> RolloutLabels {
-    RolloutLabels { namespace: r.namespace().unwrap_or_default(), name: r.name_any() }
-}
-
 /// What the caches say, for one rollout.
 struct Observed<'a> {
     /// Every node: Node labels joined with ModelNode facts (borrowed from the caches' objects).
@@ -403,7 +399,7 @@ impl Reconcile<'_> {
             in_flight: plan.in_flight,
             now,
         });
-        let l = labels(r);
+        let l = RolloutLabels::of(r);
         ctx.metrics.converged.get_or_create(&l).set(status.converged as i64);
         ctx.metrics.failed.get_or_create(&l).set(status.failed as i64);
         ctx.metrics.total.get_or_create(&l).set(status.total_nodes as i64);
@@ -467,7 +463,7 @@ async fn cleanup(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result<Action, Erro
             ctx.metrics.deployment_writes.inc();
         }
     }
-    ctx.metrics.forget(&labels(&r));
+    ctx.metrics.forget(&RolloutLabels::of(&r));
     secrets::sweep_pull_secret_copies(&ctx, Some(&uid)).await;
     ctx.resolver.forget(&uid);
     ctx.failures.lock().expect("failures lock").remove(&uid);
