@@ -4,7 +4,7 @@
 //! - time until all N ModelDeployments exist ÷ the time this benchmark takes to create N such
 //!   objects itself (the floors: one after another, and 16 in flight like the controller; also,
 //!   for reference, 16 server-side applies in flight). Each side is measured twice, the faster
-//!   counting (on a 2-core machine shared with the API server and etcd, runs vary by 20–30 %): the
+//!   counting (on a 2-core machine shared with the API server and etcd, runs vary by 20–40 %): the
 //!   floors before the controller starts and after it stopped, the controller's creates for two
 //!   rollouts (another model the second time). The controller's creates and the in-flight floors
 //!   are each timed from the first request until a watch of the objects' metadata has seen the last;
