@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, TryStreamExt};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
+use peat::api::shared::LABEL_MODEL;
 use peat::api::{DeploymentPhase, ModelDeployment, ModelRollout};
 use serde_json::json;
 
@@ -102,7 +103,7 @@ async fn run(n: usize, last: bool) -> Duration {
     let cpu_before = cpu_seconds(pid);
     let storm = Instant::now();
     let names: Vec<String> = md_api
-        .list(&ListParams::default().labels("peat.dev/model=m"))
+        .list(&ListParams::default().labels(&format!("{LABEL_MODEL}=m")))
         .await
         .unwrap()
         .items
@@ -235,8 +236,7 @@ async fn apply_and_time(
     prefix: &str,
     n: usize,
 ) -> Creates {
-    let md_api: Api<ModelDeployment> = Api::namespaced(rollouts.clone().into_client(), rollouts.namespace().unwrap());
-    let arrived = Arrivals::watch(&md_api, &format!("peat.dev/model={model}"), n).await;
+    let arrived = Arrivals::watch(rollouts.clone().into_client(), rollouts.namespace().unwrap(), model, n).await;
     let rollout = json!({"apiVersion": "peat.dev/v1alpha1", "kind": "ModelRollout", "metadata": {"name": name},
         "spec": {"model": model, "version": "1.0.0", "source": {"repository": repo, "insecure": true},
                  "scope": {"nodeSelector": {"matchLabels": {"bench": prefix}}}, "strategy": {"maxParallel": "100%"}}});
@@ -262,8 +262,9 @@ fn floor_object(repo: &str, node: &str, model: &str) -> ModelDeployment {
 /// server-side applied (`floor-ssa-<tag>`). Each is timed like the controller: until a watch of
 /// the objects' metadata has seen the last.
 async fn in_flight_floors(api: &Api<ModelDeployment>, repo: &str, nodes: &[String], tag: &str) -> (Duration, Duration) {
+    let ns = api.namespace().unwrap();
     let model = format!("floor-par-{tag}");
-    let arrived = Arrivals::watch(api, &format!("peat.dev/model={model}"), nodes.len()).await;
+    let arrived = Arrivals::watch(api.clone().into_client(), ns, &model, nodes.len()).await;
     let t = Instant::now();
     futures::stream::iter(nodes.iter().map(|node| {
         let obj = floor_object(repo, node, &model);
@@ -274,7 +275,7 @@ async fn in_flight_floors(api: &Api<ModelDeployment>, repo: &str, nodes: &[Strin
     .await;
     let create = arrived.all().await.1 - t;
     let model = format!("floor-ssa-{tag}");
-    let arrived = Arrivals::watch(api, &format!("peat.dev/model={model}"), nodes.len()).await;
+    let arrived = Arrivals::watch(api.clone().into_client(), ns, &model, nodes.len()).await;
     let t = Instant::now();
     futures::stream::iter(nodes.iter().map(|node| {
         let obj = floor_object(repo, node, &model);
@@ -298,14 +299,14 @@ struct Arrivals {
 }
 
 impl Arrivals {
-    /// Starts watching objects of `selector`, and returns once the watch has listed what exists.
-    async fn watch(api: &Api<ModelDeployment>, selector: &str, n: usize) -> Arrivals {
+    /// Starts watching the ModelDeployments of `model` in `ns`, and returns once the watch has
+    /// listed what exists.
+    async fn watch(client: kube::Client, ns: &str, model: &str, n: usize) -> Arrivals {
         let (listed_tx, listed) = tokio::sync::oneshot::channel();
         let (done_tx, done) = tokio::sync::oneshot::channel();
         // (kube: an Api of PartialObjectMeta lists and watches metadata only.)
-        let meta: Api<kube::core::PartialObjectMeta<ModelDeployment>> =
-            Api::namespaced(api.clone().into_client(), api.namespace().unwrap_or_default());
-        let stream = watcher::watcher(meta, watcher::Config::default().labels(selector));
+        let meta: Api<kube::core::PartialObjectMeta<ModelDeployment>> = Api::namespaced(client, ns);
+        let stream = watcher::watcher(meta, watcher::Config::default().labels(&format!("{LABEL_MODEL}={model}")));
         let task = tokio::spawn(async move {
             let (mut listed_tx, mut done_tx) = (Some(listed_tx), Some(done_tx));
             let mut seen = std::collections::HashSet::new();

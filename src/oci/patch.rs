@@ -39,12 +39,12 @@ impl PatchParams {
         let end = ((k + 1) * self.segment).saturating_add(self.margin).min(old_len);
         start as usize..end as usize
     }
+}
 
-    /// Window log of a frame: reaching from its end back to its prefix's start.
-    fn window_log(&self, prefix_len: usize, segment_len: u64) -> u32 {
-        let reach = prefix_len as u64 + segment_len;
-        (64 - reach.max(1).leading_zeros()).clamp(10, 31)
-    }
+/// Window log of a frame: reaching from its end back to its prefix's start.
+fn window_log(prefix_len: usize, segment_len: u64) -> u32 {
+    let reach = prefix_len as u64 + segment_len;
+    (64 - reach.max(1).leading_zeros()).clamp(10, 31)
 }
 
 /// Writes the patch that turns `old` into the `new_len` bytes read from `new`. Returns the
@@ -68,7 +68,7 @@ pub fn make_patch(
         }
         let prefix = &old[params.prefix(k, old.len() as u64)];
         let mut enc = zstd::stream::write::Encoder::with_ref_prefix(&mut written, LEVEL, prefix)?;
-        enc.window_log(params.window_log(prefix.len(), len))?;
+        enc.window_log(window_log(prefix.len(), len))?;
         enc.long_distance_matching(true)?;
         enc.set_pledged_src_size(Some(len))?;
         enc.include_checksum(false)?; // the caller checks the whole file's sha256
@@ -93,7 +93,7 @@ pub fn apply_patch(
         let len = params.segment.min(new_len - k * params.segment);
         let prefix = &old[params.prefix(k, old.len() as u64)];
         let mut dec = zstd::stream::read::Decoder::with_ref_prefix(&mut *patch, prefix)?.single_frame();
-        dec.window_log_max(params.window_log(prefix.len(), len))?;
+        dec.window_log_max(window_log(prefix.len(), len))?;
         let copied = io::copy(&mut (&mut dec).take(len + 1), out)?;
         if copied != len {
             return Err(io::Error::new(

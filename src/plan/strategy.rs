@@ -224,7 +224,7 @@ pub fn plan_deployments(input: &PlanInput<'_>) -> Plan {
     let may_start = !spec.paused && (!input.aborted || target.rolling_back);
 
     // Nodes waiting for a slot, with the spec they would get.
-    let mut waiting: Vec<(bool, String, ModelDeploymentSpec, u64)> = Vec::new();
+    let mut waiting: Vec<(bool, ModelDeploymentSpec)> = Vec::new();
     let mut views: BTreeMap<String, TargetView> = BTreeMap::new();
 
     for node in input.targets {
@@ -340,7 +340,7 @@ pub fn plan_deployments(input: &PlanInput<'_>) -> Plan {
                         s.active_version.as_deref() == Some(&target.version)
                             || s.previous_versions.contains(&target.version)
                     });
-                    waiting.push((held_locally, node.clone(), desired, v.size));
+                    waiting.push((held_locally, desired));
                     if let Some(md) = existing {
                         // Until it gets a slot, the node keeps what it has.
                         plan.apply.push(refreshed(&md.spec, spec));
@@ -352,9 +352,9 @@ pub fn plan_deployments(input: &PlanInput<'_>) -> Plan {
     }
 
     // Fill free slots: nodes that hold the target locally first (instant), then by name.
-    waiting.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    waiting.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.node_name.cmp(&b.1.node_name)));
     let free = plan.max_parallel.saturating_sub(plan.in_flight);
-    let starting: Vec<ModelDeploymentSpec> = waiting.into_iter().take(free).map(|(_, _, desired, _)| desired).collect();
+    let starting: Vec<ModelDeploymentSpec> = waiting.into_iter().take(free).map(|(_, desired)| desired).collect();
     // One pass over the plan for all of them: a pass per starting node made a 10,000-node
     // rollout's first plan quadratic (0.6 s).
     let replaced: BTreeSet<&str> = starting.iter().map(|d| d.node_name.as_str()).collect();
