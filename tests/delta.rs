@@ -1,6 +1,8 @@
 //! Delta updates on the real registry, controller and agents: a node holding version N fetches
-//! only what N+1 changed. Bytes on the wire are counted by a proxy in front of each test's own
-//! registry (`support::CountingProxy`): headers, manifests and chunk indexes included.
+//! only what N+1 changed — by chunks against any earlier bytes, by a patch (`peat push
+//! --delta-from`) against the exact earlier file. Bytes on the wire are counted by a proxy in
+//! front of each test's own registry (`support::CountingProxy`): headers, manifests, chunk
+//! indexes and patches included.
 
 mod support;
 
@@ -100,6 +102,30 @@ fn scatter_changes(data: &[u8], regions: usize, len: usize, seed: u64) -> Vec<u8
         out[at..at + len].copy_from_slice(&pseudo_random(seed + r as u64, len));
     }
     out
+}
+
+/// Pushes `files` as variant int8-cpu of `version` with the `peat push` CLI, with patches against
+/// the versions in `delta_from` (comma-separated, may be empty).
+fn push_cli(s: &Setup, version: &str, files: &[(&str, Vec<u8>)], delta_from: &str) {
+    let dir = s.dir.join(format!("src-{version}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (title, bytes) in files {
+        std::fs::write(dir.join(title), bytes).unwrap();
+    }
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_peat"));
+    cmd.arg("push").arg(&dir).args(["--repository", &s.repo(), "--version", version]);
+    cmd.args(["--variant", "int8-cpu", "--providers", "cpu", "--insecure"]);
+    if !delta_from.is_empty() {
+        cmd.args(["--delta-from", delta_from]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "peat push {version}: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Files in the store's `blobs/`.
+fn blob_count(store: &Path) -> usize {
+    std::fs::read_dir(store.join("blobs/sha256")).unwrap().count()
 }
 
 fn index_len(data: &[u8]) -> u64 {
@@ -261,4 +287,61 @@ async fn a_delta_rebuild_resumes_after_the_agent_is_killed() {
     let bound = 1.15 * changed + 2.0 * index_len(&v2) as f64 + MI as f64;
     println!("resumed delta: {total} bytes on the wire for {changed} changed (bound {bound:.0})");
     assert!(total as f64 <= bound, "{total} bytes: the rebuild did not resume");
+}
+
+#[tokio::test]
+async fn small_scattered_edits_cost_about_their_bytes_by_patch() {
+    let s = setup("delta-patch").await;
+    let size = 32 * MI;
+    let v1 = pseudo_random(61, size);
+    // 10% of the bytes in 4 KiB runs (819 of them: chunks would fetch ~8× that), then, for 3.0.0,
+    // 10% in 64 KiB runs (51: ~1.8× by chunks).
+    let (small, large) = (4 << 10, 64 << 10);
+    let v2 = scatter_changes(&v1, size / 10 / small, small, 600);
+    let v3 = scatter_changes(&v2, size / 10 / large, large, 100_000); // seeds unlike v2's: new bytes
+    push_cli(&s, "1.0.0", &[("weights.bin", v1.clone())], "");
+    push_cli(&s, "2.0.0", &[("weights.bin", v2.clone())], "1.0.0");
+    push_cli(&s, "3.0.0", &[("weights.bin", v3.clone())], "2.0.0,1.0.0");
+    let agent = s.agent().await;
+    s.roll(&agent, "1.0.0", true).await;
+    for (version, data, run) in [("2.0.0", &v2, small), ("3.0.0", &v3, large)] {
+        let changed = (size / 10 / run * run) as f64;
+        let wire = s.roll(&agent, version, true).await;
+        println!("{run}-byte edits: {wire} bytes on the wire for {changed} changed ({:.3})", wire as f64 / changed);
+        assert!(wire as f64 <= 1.15 * changed, "{run}-byte edits: {wire} bytes on the wire > 1.15 × {changed}");
+        assert_current(&agent.store, &[("weights.bin", data.clone())]);
+        let st = s.status(&agent).await;
+        assert!(
+            st.bytes_done as u64 <= wire && (st.bytes_done + st.bytes_reused) as u64 >= data.len() as u64,
+            "{st:?}"
+        );
+    }
+    let log = std::fs::read_to_string(&agent.log).unwrap();
+    assert_eq!(log.matches("rebuilding the layer from a patch").count(), 2, "both upgrades came by patch");
+    // One blob per version held, no patch left behind.
+    assert_eq!(blob_count(&agent.store), 3, "the patches were removed once applied");
+}
+
+#[tokio::test]
+async fn a_patch_against_a_damaged_file_falls_back_to_a_whole_pull() {
+    let s = setup("delta-patch-damaged").await;
+    let v1 = pseudo_random(71, 8 * MI);
+    let v2 = scatter_changes(&v1, 40, 4 << 10, 800);
+    push_cli(&s, "1.0.0", &[("weights.bin", v1.clone())], "");
+    push_cli(&s, "2.0.0", &[("weights.bin", v2.clone())], "1.0.0");
+    let agent = s.agent().await;
+    s.roll(&agent, "1.0.0", true).await;
+    // Damage the held copy of 1.0.0 (blob and version file are one inode): the patch rebuilds other bytes.
+    let path = agent.store.join("models/m/1.0.0/weights.bin");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[MI] ^= 0xff;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&path, &bytes).unwrap();
+    let wire = s.roll(&agent, "2.0.0", true).await;
+    assert_current(&agent.store, &[("weights.bin", v2.clone())]);
+    assert!(wire >= v2.len() as u64, "fell back to a whole pull: {wire} bytes");
+    let log = std::fs::read_to_string(&agent.log).unwrap();
+    assert!(log.contains("patch unusable; pulling the layer whole"), "the fallback is logged");
+    assert_eq!(blob_count(&agent.store), 2, "the unusable patch was removed");
 }

@@ -38,6 +38,11 @@ pub struct PushArgs {
     /// `os/arch` for an architecture-specific variant (`linux/arm64`).
     #[arg(long)]
     pub platform: Option<String>,
+    /// Earlier versions (of the same variant) to publish patches against, comma-separated or
+    /// repeated: a node holding one of them fetches about the changed bytes of each file
+    /// (docs/delta.md). Each must be in the registry; files it lacks or that did not change get none.
+    #[arg(long, value_delimiter = ',')]
+    pub delta_from: Vec<String>,
     /// Plain HTTP to the registry (a lab registry without TLS).
     #[arg(long)]
     pub insecure: bool,
@@ -65,6 +70,9 @@ impl PushProgress for Bar {
     fn hashed(&self, _: u64) {}
     fn uploaded(&self, bytes: u64) {
         self.0.inc(bytes);
+    }
+    fn patching(&self, title: &str, from: &str) {
+        self.0.set_message(format!("patching {title} against {from}"));
     }
 }
 
@@ -116,8 +124,14 @@ pub async fn run(args: PushArgs) -> anyhow::Result<()> {
     };
     let access = RegistryAccess { insecure: args.insecure, auth: auth.clone(), ca_bundle };
     let client = access.push_client()?;
+    let delta_from: Vec<String> =
+        args.delta_from.iter().map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).collect();
+    if delta_from.contains(&args.version) {
+        anyhow::bail!("--delta-from {}: that is the version being pushed", args.version);
+    }
+    let progress = Arc::new(Bar(bar.clone()));
     let digest =
-        push_dir(&client, &auth, &args.repository, &args.version, &meta, &args.dir, Arc::new(Bar(bar.clone()))).await;
+        push_dir(&client, &auth, &args.repository, &args.version, &meta, &args.dir, &delta_from, progress).await;
     bar.finish_and_clear();
     let digest = digest?;
     eprintln!(

@@ -17,6 +17,36 @@ pub fn digest_hex(digest: &str) -> std::io::Result<&str> {
     }
 }
 
+/// Writes through to `inner` and hashes what it wrote: a file made on the way (a patch, a file
+/// rebuilt from one) gets its digest without being read again.
+pub struct HashingWriter<W> {
+    /// Where the bytes go.
+    pub inner: W,
+    /// The hash of every byte written so far.
+    pub hasher: Sha256,
+    /// Bytes written so far.
+    pub written: u64,
+}
+
+impl<W: std::io::Write> HashingWriter<W> {
+    /// Starts hashing what goes to `inner`.
+    pub fn new(inner: W) -> HashingWriter<W> {
+        HashingWriter { inner, hasher: Sha256::new(), written: 0 }
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -29,5 +59,15 @@ mod tests {
         assert!(digest_hex(&d.to_uppercase()).is_err());
         assert!(digest_hex("sha512:00").is_err());
         assert!(digest_hex("sha256:../../etc").is_err());
+    }
+
+    #[test]
+    fn a_hashing_writer_hashes_what_it_wrote() {
+        use std::io::Write;
+        let mut w = HashingWriter::new(Vec::new());
+        w.write_all(b"ab").unwrap();
+        w.write_all(b"c").unwrap();
+        assert_eq!((format!("sha256:{:x}", w.hasher.finalize()), w.written), (sha256_digest(b"abc"), 3));
+        assert_eq!(w.inner, b"abc");
     }
 }

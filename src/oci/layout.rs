@@ -18,6 +18,17 @@ pub const ANN_TITLE: &str = "org.opencontainers.image.title";
 pub const MEDIA_CHUNK_INDEX: &str = "application/vnd.peat.chunk-index.v1+json";
 /// Chunk-index layer annotation: the digest of the layer it indexes.
 pub const ANN_CHUNKS_OF: &str = "peat.dev/chunks-of";
+/// Media type of a patch layer: a file's bytes as a patch against one exact earlier file
+/// ([`crate::oci::patch`]), for nodes that hold that file.
+pub const MEDIA_PATCH: &str = "application/vnd.peat.patch.v1+zstd";
+/// Patch layer annotation: the digest of the file layer the patch rebuilds.
+pub const ANN_PATCH_OF: &str = "peat.dev/patch-of";
+/// Patch layer annotation: the digest of the earlier file it applies to.
+pub const ANN_PATCH_FROM: &str = "peat.dev/patch-from";
+/// Patch layer annotation: bytes of the new file per frame ([`crate::oci::patch::PatchParams::segment`]).
+pub const ANN_PATCH_SEGMENT: &str = "peat.dev/patch-segment";
+/// Patch layer annotation: old bytes either side of a frame ([`crate::oci::patch::PatchParams::margin`]).
+pub const ANN_PATCH_MARGIN: &str = "peat.dev/patch-margin";
 /// Media type of a model file layer pushed by peat.
 pub const MEDIA_MODEL_FILE: &str = "application/vnd.peat.model.file.v1";
 /// Artifact type of a peat variant manifest.
@@ -56,10 +67,16 @@ pub enum LayoutError {
     },
 }
 
-/// The bytes a manifest's file layers declare (chunk indexes excluded): sizes come from the
-/// registry, so a negative one or a sum that overflows is refused, never wrapped or panicked on.
+/// Whether a layer helps transfers (a chunk index, a patch) rather than being a file of the model.
+pub fn is_transfer_aid(layer: &oci_client::manifest::OciDescriptor) -> bool {
+    layer.media_type == MEDIA_CHUNK_INDEX || layer.media_type == MEDIA_PATCH
+}
+
+/// The bytes a manifest's file layers declare (chunk indexes and patches excluded): sizes come
+/// from the registry, so a negative one or a sum that overflows is refused, never wrapped or
+/// panicked on.
 pub fn declared_size(layers: &[oci_client::manifest::OciDescriptor]) -> Result<u64, &'static str> {
-    layers.iter().filter(|l| l.media_type != MEDIA_CHUNK_INDEX).try_fold(0u64, |sum, l| {
+    layers.iter().filter(|l| !is_transfer_aid(l)).try_fold(0u64, |sum, l| {
         let size = u64::try_from(l.size).map_err(|_| "include a negative size")?;
         sum.checked_add(size).ok_or("add up to more than 2^64 bytes")
     })
@@ -156,9 +173,10 @@ pub fn layer_archive(layer: &oci_client::manifest::OciDescriptor) -> Option<Arch
 }
 
 /// The relative path a layer's file takes in the model directory: `org.opencontainers.image.title`
-/// (peat, ORAS), else a CNCF ModelPack `…model.filepath` annotation. Chunk indexes have none.
+/// (peat, ORAS), else a CNCF ModelPack `…model.filepath` annotation. Chunk indexes and patches
+/// have none.
 pub fn layer_title(layer: &oci_client::manifest::OciDescriptor) -> Option<&str> {
-    if layer.media_type == MEDIA_CHUNK_INDEX {
+    if is_transfer_aid(layer) {
         return None;
     }
     let ann = layer.annotations.as_ref()?;
@@ -282,7 +300,15 @@ mod tests {
             size,
             ..Default::default()
         };
-        assert_eq!(declared_size(&[l(10, MEDIA_MODEL_FILE), l(5, MEDIA_MODEL_FILE), l(99, MEDIA_CHUNK_INDEX)]), Ok(15));
+        assert_eq!(
+            declared_size(&[
+                l(10, MEDIA_MODEL_FILE),
+                l(5, MEDIA_MODEL_FILE),
+                l(99, MEDIA_CHUNK_INDEX),
+                l(7, MEDIA_PATCH)
+            ]),
+            Ok(15)
+        );
         assert!(
             declared_size(&[l(i64::MAX, MEDIA_MODEL_FILE), l(i64::MAX, MEDIA_MODEL_FILE), l(2, MEDIA_MODEL_FILE)])
                 .is_err()

@@ -10,7 +10,8 @@
 //! making one indexes segment + 2 × margin of the old file, not all of it. Content that moved
 //! further than the margin costs its bytes (the patch grows; the caller compares sizes).
 //!
-//! Not wired into push or the agent yet (issue 18); the functions and their tests are the core.
+//! `peat push --delta-from VERSION` publishes patches as extra layers (`crate::oci::layout::MEDIA_PATCH`);
+//! the agent applies one when it holds the exact file the patch was made against.
 
 use std::io::{self, BufRead, Read, Write};
 use std::ops::Range;
@@ -33,6 +34,13 @@ pub const DEFAULT_PATCH_PARAMS: PatchParams = PatchParams { segment: 32 << 20, m
 const LEVEL: i32 = 3;
 
 impl PatchParams {
+    /// Params read from a manifest, or None when applying them would hold too much: a frame is
+    /// at most 256 MiB and its prefix at most 1 GiB + 2 × 256 MiB (the decoder's window reaches
+    /// over both: less than 2 GiB, zstd's largest).
+    pub fn checked(segment: u64, margin: u64) -> Option<PatchParams> {
+        (segment > 0 && segment <= 256 << 20 && margin <= 512 << 20).then_some(PatchParams { segment, margin })
+    }
+
     /// The old file's bytes that are frame `k`'s prefix.
     fn prefix(&self, k: u64, old_len: u64) -> Range<usize> {
         let start = (k * self.segment).saturating_sub(self.margin).min(old_len);
@@ -56,7 +64,7 @@ pub fn make_patch(
     out: &mut impl Write,
     params: PatchParams,
 ) -> io::Result<u64> {
-    let mut written = CountingWriter { inner: out, count: 0 };
+    let mut written = Counted { inner: out, count: 0 };
     let mut segment = Vec::new();
     let frames = new_len.div_ceil(params.segment).max(1);
     for k in 0..frames {
@@ -108,12 +116,13 @@ pub fn apply_patch(
     Ok(())
 }
 
-struct CountingWriter<W> {
+/// Counts what goes through (the patch's length; its caller may hash it too).
+struct Counted<W> {
     inner: W,
     count: u64,
 }
 
-impl<W: Write> Write for CountingWriter<W> {
+impl<W: Write> Write for Counted<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
         self.count += n as u64;

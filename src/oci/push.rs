@@ -14,6 +14,8 @@ use super::client::{OciError, parse_reference, patiently};
 use super::digest::sha256_digest;
 use super::layout::*;
 
+mod patches;
+
 /// The empty JSON config of an artifact manifest (OCI 1.1 `application/vnd.oci.empty.v1+json`).
 const EMPTY_CONFIG: &[u8] = b"{}";
 const EMPTY_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";
@@ -110,6 +112,14 @@ pub enum PushError {
     /// The registry refused or failed.
     #[error(transparent)]
     Registry(#[from] OciError),
+    /// A version given to patch from cannot be used.
+    #[error("--delta-from {version}: {message}")]
+    DeltaBase {
+        /// The version.
+        version: String,
+        /// What is wrong with it.
+        message: String,
+    },
 }
 
 /// A regular file of a model directory: its path relative to the directory (with `/`), and size.
@@ -182,11 +192,15 @@ pub trait PushProgress: Send + Sync {
     fn hashed(&self, bytes: u64);
     /// Bytes sent to the registry, or found there already.
     fn uploaded(&self, bytes: u64);
+    /// A patch of `title` against the same file of version `from` is being made.
+    fn patching(&self, _title: &str, _from: &str) {}
 }
 
 /// Pushes the files under `dir` as a variant of `<repository>:<version>`, streaming each file from
 /// disk (a multi-GB file is never held in memory); blobs the registry already has are not sent
-/// again. Returns the variant manifest's digest.
+/// again. With `delta_from`, each changed file also gets a patch against the same file of the same
+/// variant of each of those versions. Returns the variant manifest's digest.
+#[allow(clippy::too_many_arguments)]
 pub async fn push_dir(
     client: &oci_client::Client,
     auth: &RegistryAuth,
@@ -194,6 +208,7 @@ pub async fn push_dir(
     version: &str,
     meta: &VariantMeta,
     dir: &std::path::Path,
+    delta_from: &[String],
     progress: std::sync::Arc<dyn PushProgress>,
 ) -> Result<String, PushError> {
     let files = model_files(dir)?;
@@ -203,6 +218,7 @@ pub async fn push_dir(
     let oci = |e| PushError::Registry(OciError::from_client(&tag_ref, e));
     let mut layers = Vec::new();
     let mut indexes = Vec::new();
+    let mut pushed = Vec::new();
     for f in &files {
         let local = |e: std::io::Error| PushError::Local { path: f.path.display().to_string(), message: e.to_string() };
         // One read of the file for its digest and its chunk index, off the runtime.
@@ -215,31 +231,52 @@ pub async fn push_dir(
         .await
         .map_err(|e| local(std::io::Error::other(e)))?
         .map_err(local)?;
-        if patiently(|| client.blob_exists(&r, &digest)).await.map_err(oci)? {
-            progress.uploaded(f.size);
-        } else {
-            // Each attempt streams the file from its start (a busy registry drops the upload).
-            patiently(|| async {
-                let file = tokio::fs::File::open(&f.path).await.map_err(OciDistributionError::IoError)?;
-                let p = progress.clone();
-                let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).map(move |chunk| {
-                    let chunk = chunk?;
-                    p.uploaded(chunk.len() as u64);
-                    Ok(chunk)
-                });
-                client.push_blob_stream(&r, stream, &digest, Some(f.size)).await
-            })
-            .await
-            .map_err(|e| match e {
-                OciDistributionError::IoError(e) => local(e),
-                e => oci(e),
-            })?;
-        }
-        layers.push(file_layer(&f.title, digest, f.size));
+        push_file_blob(client, &r, &f.path, &digest, f.size, Some(&progress)).await?;
+        layers.push(file_layer(&f.title, digest.clone(), f.size));
         indexes.push(push_chunk_index(client, &r, &index).await.map_err(oci)?);
+        pushed.push(patches::Pushed { file: f, digest });
     }
     layers.extend(indexes);
+    layers.extend(
+        patches::push_patches(client, auth, repository, &meta.name, &pushed, delta_from, progress.as_ref()).await?,
+    );
     Ok(push_variant_manifest(client, auth, repository, version, meta, layers).await?)
+}
+
+/// Uploads the file at `path` as blob `digest` unless the registry has it, streaming it from disk.
+async fn push_file_blob(
+    client: &oci_client::Client,
+    r: &oci_client::Reference,
+    path: &std::path::Path,
+    digest: &str,
+    size: u64,
+    progress: Option<&std::sync::Arc<dyn PushProgress>>,
+) -> Result<(), PushError> {
+    let reference = format!("{}@{digest}", r.repository());
+    let oci = |e| PushError::Registry(OciError::from_client(&reference, e));
+    if patiently(|| client.blob_exists(r, digest)).await.map_err(oci)? {
+        progress.inspect(|p| p.uploaded(size));
+        return Ok(());
+    }
+    // Each attempt streams the file from its start (a busy registry drops the upload).
+    patiently(|| async {
+        let file = tokio::fs::File::open(path).await.map_err(OciDistributionError::IoError)?;
+        let p = progress.cloned();
+        let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).map(move |chunk| {
+            let chunk = chunk?;
+            p.as_ref().inspect(|p| p.uploaded(chunk.len() as u64));
+            Ok(chunk)
+        });
+        client.push_blob_stream(r, stream, digest, Some(size)).await
+    })
+    .await
+    .map_err(|e| match e {
+        OciDistributionError::IoError(e) => {
+            PushError::Local { path: path.display().to_string(), message: e.to_string() }
+        }
+        e => oci(e),
+    })?;
+    Ok(())
 }
 
 /// Writes a variant manifest over `layers` (already pushed) and adds it to, or replaces it in, the

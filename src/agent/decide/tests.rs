@@ -72,6 +72,7 @@ fn plan_with(layers: &[&str]) -> PullPlan {
             .map(|d| FileLayer { title: format!("{d}.bin"), digest: d.to_string(), size: 1, archive: None })
             .collect(),
         chunk_indexes: BTreeMap::new(),
+        patches: BTreeMap::new(),
     }
 }
 

@@ -1,18 +1,21 @@
 //! One transfer of a variant into the store: its plan (the manifest, by digest), then each missing
-//! file layer — by delta where the artifact has chunk indexes and the store holds some of the
-//! chunks, else whole — streamed into `tmp/`, verified, and moved into `blobs/`. Partial downloads
-//! resume; layers already in the store are not fetched; nothing unverified ever leaves `tmp/`.
+//! file layer — from a patch where the artifact has one against a file the store holds, else by
+//! chunks where it has chunk indexes and the store holds some of the chunks, else whole —
+//! written into `tmp/`, verified, and moved into `blobs/`. Partial downloads resume; layers
+//! already in the store are not fetched; nothing unverified ever leaves `tmp/`.
 //!
 //! ```text
 //! mod (orchestration) ─┬─> plan   (manifest → files)
-//!                       ├─> blob   (a layer whole) ──┐
-//!                       └─> delta  (a layer by chunks)┴─> writer (claim, pump, verify, commit)
+//!                       ├─> patch  (a layer from a patch) ─┐
+//!                       ├─> blob   (a layer whole) ────────┤
+//!                       └─> delta  (a layer by chunks) ────┴─> writer (claim, pump, verify, commit)
 //! every one of them ──> error (TransferError), session (Transfer, limits, progress)
 //! ```
 
 mod blob;
 pub mod delta;
 mod error;
+mod patch;
 pub mod plan;
 mod session;
 mod writer;
@@ -25,7 +28,7 @@ use oci_client::Reference;
 
 pub(crate) use error::is_enospc;
 pub use error::{ATTEMPTS_BEFORE_FAILED, TransferError};
-pub use plan::{FileLayer, PullPlan, Source, fetch_plan, plan_from_manifest};
+pub use plan::{FileLayer, PatchLayer, PullPlan, Source, fetch_plan, plan_from_manifest};
 pub use session::{InFlight, Progress, RateLimiter, Transfer};
 
 use crate::agent::store::Store;
@@ -80,10 +83,15 @@ pub async fn fetch_layers(t: &Transfer<'_>, plan: &PullPlan) -> Result<(), Trans
         return Err(TransferError::InsufficientStorage { needed, free });
     }
     let r = parse_reference(&plan.artifact)?;
-    // Delta: the chunk indexes of the missing layers, and the chunks the store holds.
+    // Delta: a patch against a file the store holds, else the chunk indexes of the missing layers
+    // and the chunks the store holds (a layer with a patch needs no index: it costs wire bytes).
+    let patches: std::collections::HashMap<&str, &PatchLayer> = match t.delta {
+        true => missing.iter().filter_map(|f| Some((f.digest.as_str(), patch::usable(t.store, plan, f)?))).collect(),
+        false => Default::default(),
+    };
     let mut indexes = std::collections::HashMap::new();
     if t.delta {
-        for f in &missing {
+        for f in missing.iter().filter(|f| !patches.contains_key(f.digest.as_str())) {
             let Some((digest, size)) = plan.chunk_indexes.get(&f.digest) else { continue };
             match delta::fetch_index(t, &r, digest, *size, f).await {
                 Ok(index) => {
@@ -105,8 +113,16 @@ pub async fn fetch_layers(t: &Transfer<'_>, plan: &PullPlan) -> Result<(), Trans
     };
     // A few layers at once: one stream rarely fills a link (or a core hashing), several do.
     // (Futures made up front: a mapping closure inside the stream defeats `Send` inference in tokio::spawn.)
-    let futures: Vec<_> =
-        missing.into_iter().map(|f| fetch_layer(t, &r, f, indexes.get(&f.digest), local.as_ref())).collect();
+    let futures: Vec<_> = missing
+        .into_iter()
+        .map(|f| {
+            let how = match patches.get(f.digest.as_str()) {
+                Some(p) => Delta::Patch(p),
+                None => Delta::Chunks(indexes.get(&f.digest), local.as_ref()),
+            };
+            fetch_layer(t, &r, f, how)
+        })
+        .collect();
     let mut fetches = futures::stream::iter(futures).buffer_unordered(LAYERS_IN_FLIGHT);
     while let Some(result) = fetches.next().await {
         match result {
@@ -123,15 +139,31 @@ pub async fn fetch_layers(t: &Transfer<'_>, plan: &PullPlan) -> Result<(), Trans
     Ok(())
 }
 
-/// One layer: by delta when it has a chunk index and the store holds some of its chunks, falling
-/// back to a whole pull on any mismatch or error; else whole.
-async fn fetch_layer(
-    t: &Transfer<'_>,
-    r: &Reference,
-    f: &FileLayer,
-    index: Option<&ChunkIndex>,
-    local: Option<&LocalChunks>,
-) -> Result<(), TransferError> {
+/// How a layer may come other than whole.
+enum Delta<'a> {
+    /// From a patch against a file the store holds.
+    Patch(&'a PatchLayer),
+    /// By chunks, when it has a chunk index and the store holds some of its chunks.
+    Chunks(Option<&'a ChunkIndex>, Option<&'a LocalChunks>),
+}
+
+/// One layer: from a patch or by chunks, falling back to a whole pull on any mismatch or error
+/// that a retry would not mend; else whole.
+async fn fetch_layer(t: &Transfer<'_>, r: &Reference, f: &FileLayer, how: Delta<'_>) -> Result<(), TransferError> {
+    let (index, local) = match how {
+        Delta::Chunks(index, local) => (index, local),
+        Delta::Patch(p) => {
+            match patch::fetch_layer_patch(t, r, f, p).await {
+                Ok(()) => return Ok(()),
+                Err(e) if delta::falls_back(&e) => {
+                    tracing::warn!(layer = %f.title, error = %e, "patch unusable; pulling the layer whole");
+                }
+                // An outage, a cancel, a full disk: the retry fetches the patch again (resuming it).
+                Err(e) => return Err(e),
+            }
+            (None, None)
+        }
+    };
     if let (Some(index), Some(local)) = (index, local)
         && local.covers_any(index)
     {

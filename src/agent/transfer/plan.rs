@@ -1,5 +1,5 @@
 //! What a transfer fetches: a variant manifest, read by digest and checked against the safety
-//! rules, becomes a plan of file layers (and their chunk indexes).
+//! rules, becomes a plan of file layers (and their chunk indexes and patches).
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -11,7 +11,11 @@ use crate::agent::store::{FileRecord, validate_title};
 use crate::oci::OciError;
 use crate::oci::client::parse_reference;
 use crate::oci::digest::{digest_hex, sha256_digest};
-use crate::oci::layout::{ANN_CHUNKS_OF, Archive, MEDIA_CHUNK_INDEX, layer_archive, layer_title};
+use crate::oci::layout::{
+    ANN_CHUNKS_OF, ANN_PATCH_FROM, ANN_PATCH_MARGIN, ANN_PATCH_OF, ANN_PATCH_SEGMENT, Archive, MEDIA_CHUNK_INDEX,
+    MEDIA_PATCH, layer_archive, layer_title,
+};
+use crate::oci::patch::PatchParams;
 
 /// One file of a variant.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,6 +30,19 @@ pub struct FileLayer {
     pub archive: Option<Archive>,
 }
 
+/// A patch layer: file `of`'s bytes as a patch against file `from`, for a store that holds `from`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PatchLayer {
+    /// The patch's layer digest.
+    pub digest: String,
+    /// Its size.
+    pub size: u64,
+    /// The digest of the earlier file it applies to.
+    pub from: String,
+    /// How it was cut.
+    pub params: PatchParams,
+}
+
 /// What a pull of one variant manifest fetches.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PullPlan {
@@ -37,6 +54,8 @@ pub struct PullPlan {
     pub files: Vec<FileLayer>,
     /// Chunk-index layers by the digest of the file layer they index: (index digest, size).
     pub chunk_indexes: BTreeMap<String, (String, u64)>,
+    /// Patch layers by the digest of the file layer they rebuild (against different earlier files).
+    pub patches: BTreeMap<String, Vec<PatchLayer>>,
 }
 
 impl PullPlan {
@@ -53,9 +72,10 @@ impl PullPlan {
             .collect()
     }
 
-    /// Layer digests.
+    /// Layer digests: files and patches (a fetched patch waits in `blobs/` until it is applied).
     pub fn digests(&self) -> HashSet<String> {
-        self.files.iter().map(|f| f.digest.clone()).collect()
+        let patches = self.patches.values().flatten().map(|p| p.digest.clone());
+        self.files.iter().map(|f| f.digest.clone()).chain(patches).collect()
     }
 }
 
@@ -111,14 +131,48 @@ pub fn plan_from_manifest(
             Some((of.clone(), (l.digest.clone(), l.size as u64)))
         })
         .collect();
-    let plan =
-        PullPlan { artifact: artifact.to_string(), manifest_digest: manifest_digest.to_string(), files, chunk_indexes };
+    let patches = patch_layers(manifest, &files);
+    let plan = PullPlan {
+        artifact: artifact.to_string(),
+        manifest_digest: manifest_digest.to_string(),
+        files,
+        chunk_indexes,
+        patches,
+    };
     if let Some(max) = max_size
         && plan.total() > max
     {
         return Err(TransferError::TooLarge { size: plan.total(), max });
     }
     Ok(plan)
+}
+
+/// The manifest's usable patch layers, by the file they rebuild. Patches are optional like chunk
+/// indexes: one with a malformed annotation, bounds that would make applying it hold too much, or
+/// no smaller than its file is ignored (that file is fetched by chunks or whole).
+fn patch_layers(manifest: &OciImageManifest, files: &[FileLayer]) -> BTreeMap<String, Vec<PatchLayer>> {
+    let mut out: BTreeMap<String, Vec<PatchLayer>> = BTreeMap::new();
+    for l in manifest.layers.iter().filter(|l| l.media_type == MEDIA_PATCH && l.size > 0) {
+        let Some(ann) = &l.annotations else { continue };
+        let number = |key: &str| ann.get(key).and_then(|v| v.trim().parse::<u64>().ok());
+        let (Some(of), Some(from)) = (ann.get(ANN_PATCH_OF), ann.get(ANN_PATCH_FROM)) else { continue };
+        let Some(params) =
+            number(ANN_PATCH_SEGMENT).zip(number(ANN_PATCH_MARGIN)).and_then(|(s, m)| PatchParams::checked(s, m))
+        else {
+            continue;
+        };
+        let valid = [&l.digest, of, from].iter().all(|d| digest_hex(d).is_ok()) && of != from;
+        let smaller = files.iter().any(|f| &f.digest == of && f.archive.is_none() && (l.size as u64) < f.size);
+        if valid && smaller {
+            out.entry(of.clone()).or_default().push(PatchLayer {
+                digest: l.digest.clone(),
+                size: l.size as u64,
+                from: from.clone(),
+                params,
+            });
+        }
+    }
+    out
 }
 
 /// Where to pull from.
@@ -202,5 +256,43 @@ mod tests {
         idx.media_type = MEDIA_CHUNK_INDEX.into();
         let plan = plan_from_manifest("r@d", "d", &manifest(vec![idx, layer(Some("y"), 1)]), None).unwrap();
         assert_eq!(plan.files.iter().map(|f| f.title.as_str()).collect::<Vec<_>>(), vec!["y"]);
+    }
+
+    #[test]
+    fn patches_are_planned_only_when_well_formed_and_smaller_than_their_file() {
+        let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+        let patch = |digest: char, of: char, from: &str, size: i64, segment: &str| OciDescriptor {
+            media_type: MEDIA_PATCH.into(),
+            digest: d(digest),
+            size,
+            annotations: Some(BTreeMap::from([
+                (ANN_PATCH_OF.to_string(), d(of)),
+                (ANN_PATCH_FROM.to_string(), from.to_string()),
+                (ANN_PATCH_SEGMENT.to_string(), segment.to_string()),
+                (ANN_PATCH_MARGIN.to_string(), "1048576".to_string()),
+            ])),
+            ..Default::default()
+        };
+        let mut file = layer(Some("w.bin"), 1000);
+        file.digest = d('f');
+        let m = manifest(vec![
+            file,
+            patch('1', 'f', &d('0'), 100, "1048576"),                 // usable
+            patch('2', 'f', &d('9'), 1000, "1048576"),                // as large as the file
+            patch('3', 'f', "sha256:nope", 100, "1048576"),           // base is no digest
+            patch('4', 'f', &d('8'), 100, "0"),                       // no frames
+            patch('5', 'f', &d('7'), 100, &(1u64 << 40).to_string()), // frames too large to hold
+            patch('6', 'e', &d('0'), 100, "1048576"),                 // of a file not in the manifest
+            patch('7', 'f', &d('f'), 100, "1048576"),                 // against itself
+        ]);
+        let plan = plan_from_manifest("r@d", "d", &m, None).unwrap();
+        assert_eq!(plan.files.len(), 1, "patches are not files");
+        let got: Vec<_> = plan.patches.values().flatten().map(|p| p.digest.clone()).collect();
+        assert_eq!(got, vec![d('1')]);
+        assert_eq!(plan.patches[&d('f')][0].from, d('0'));
+        assert!(
+            plan.digests().contains(&d('1')),
+            "a plan's digests include its patches (kept from garbage collection)"
+        );
     }
 }
