@@ -9,10 +9,16 @@
 //! - a chunk size sweep (over-fetch, index size, chunking speed per average size) — the measurement
 //!   behind the sizes in `src/oci/chunk_index.rs`.
 //!
-//! PEAT_BENCH_DELTA_MIB sets the model's size (default 1024).
+//! - the edge-link table ([`edge`]): every edit pattern of issue 18 across a shaped link, by patch.
+//!
+//! PEAT_BENCH_DELTA_MIB sets the model's size (default 1024); PEAT_BENCH_LINK_MBIT the edge
+//! link's rates (default `20,100`).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
+
+#[path = "delta/edge.rs"]
+mod edge;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -27,30 +33,34 @@ use sha2::{Digest, Sha256};
 
 const FILES: usize = 4;
 
-fn push(dir: &Path, repo: &str, version: &str) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_peat"))
-        .arg("push")
-        .arg(dir)
-        .args(["--repository", repo, "--version", version, "--variant", "fp32-cpu", "--insecure"])
-        .output()
-        .expect("running peat push");
+/// `peat push` of `dir` as variant fp32-cpu of `repo:version`, with patches against `delta_from`.
+fn push(dir: &Path, repo: &str, version: &str, delta_from: &[&str]) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_peat"));
+    cmd.arg("push").arg(dir);
+    cmd.args(["--repository", repo, "--version", version, "--variant", "fp32-cpu", "--insecure"]);
+    if !delta_from.is_empty() {
+        cmd.args(["--delta-from", &delta_from.join(",")]);
+    }
+    let out = cmd.output().expect("running peat push");
     assert!(out.status.success(), "peat push: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// Writes a ModelDeployment for `artifact` on the agent's node and waits until it is Operational.
+/// Writes a ModelDeployment of `model` for `artifact` on the agent's node and waits until it is
+/// Operational.
 async fn deploy(
     ctx: &support::Ctx,
     agent: &support::AgentProc,
+    model: &str,
     version: &str,
     artifact: &str,
     delta: bool,
 ) -> Duration {
     let mds: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), &ctx.ns);
-    let name = ModelDeployment::name_for("bench", &agent.node);
+    let name = ModelDeployment::name_for(model, &agent.node);
     let md = json!({
         "apiVersion": "peat.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": name},
-        "spec": {"nodeName": agent.node, "model": "bench", "version": version, "variant": "fp32-cpu",
+        "spec": {"nodeName": agent.node, "model": model, "version": version, "variant": "fp32-cpu",
                  "artifact": artifact, "insecure": true, "delta": delta},
     });
     let start = Instant::now();
@@ -69,9 +79,18 @@ async fn deploy(
 }
 
 async fn agent(ctx: &support::Ctx, name: &str, store: &Path) -> support::AgentProc {
+    agent_with(ctx, name, |node| support::start_agent(node, store, &[])).await
+}
+
+/// A node named after `name` and its agent, started by `start`; waits for the agent's ModelNode.
+async fn agent_with(
+    ctx: &support::Ctx,
+    name: &str,
+    start: impl FnOnce(&str) -> support::AgentProc,
+) -> support::AgentProc {
     let node = format!("{}-{name}", ctx.ns);
     support::create_node(&ctx.client, &node, &[]).await;
-    let a = support::start_agent(&node, store, &[]);
+    let a = start(&node);
     let mns: Api<peat::api::ModelNode> = Api::all(ctx.client.clone());
     support::eventually("the agent's ModelNode", Duration::from_secs(60), || async {
         mns.get(&node).await.ok().and_then(|m| m.status).map(|_| ())
@@ -133,7 +152,7 @@ async fn main() {
         for (i, data) in files.iter().enumerate() {
             std::fs::write(dir.join(format!("part-{i}.safetensors")), data).unwrap();
         }
-        artifacts.push(push(&dir, &repo, version));
+        artifacts.push(push(&dir, &repo, version, &[]));
         let _ = std::fs::remove_dir_all(&dir);
     }
     let link = support::CountingProxy::start(&ctx.env.registry).await;
@@ -141,9 +160,9 @@ async fn main() {
 
     // A node holding 1.0.0 upgrades to 2.0.0 by delta.
     let node = agent(&ctx, "delta", &work.join("store-delta")).await;
-    deploy(&ctx, &node, "1.0.0", &via(&artifacts[0]), true).await;
+    deploy(&ctx, &node, "bench", "1.0.0", &via(&artifacts[0]), true).await;
     let before = link.delivered();
-    let delta_time = deploy(&ctx, &node, "2.0.0", &via(&artifacts[1]), true).await;
+    let delta_time = deploy(&ctx, &node, "bench", "2.0.0", &via(&artifacts[1]), true).await;
     let wire = link.delivered() - before;
     let mds: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), &ctx.ns);
     let st = mds.get(&ModelDeployment::name_for("bench", &node.node)).await.unwrap().status.unwrap();
@@ -151,7 +170,7 @@ async fn main() {
     // A node holding nothing pulls 2.0.0 whole.
     let fresh = agent(&ctx, "full", &work.join("store-full")).await;
     let before = link.delivered();
-    let full_time = deploy(&ctx, &fresh, "2.0.0", &via(&artifacts[1]), true).await;
+    let full_time = deploy(&ctx, &fresh, "bench", "2.0.0", &via(&artifacts[1]), true).await;
     let full_wire = link.delivered() - before;
     drop((node, fresh));
 
@@ -212,5 +231,7 @@ async fn main() {
             if p == DEFAULT_PARAMS { "   ← peat's" } else { "" }
         );
     }
+    drop(v2);
+    edge::run(&ctx, &work, &v1).await;
     let _ = std::fs::remove_dir_all(&work);
 }

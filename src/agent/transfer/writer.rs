@@ -42,15 +42,27 @@ pub(super) async fn claim(t: &Transfer<'_>, f: &FileLayer) -> Result<Option<Clai
     Ok(Some(Claim { partial: t.store.partial_path(&f.digest)?, have, _only_writer: guard }))
 }
 
+/// Where [`pump`] puts a response body's bytes: a [`LayerWriter`], or a patch being applied as it comes.
+pub(super) trait Sink {
+    /// Queues a chunk; false when the sink stopped (the caller learns why from the sink).
+    fn put(&self, chunk: bytes::Bytes) -> impl std::future::Future<Output = bool> + Send;
+}
+
+impl Sink for LayerWriter {
+    fn put(&self, chunk: bytes::Bytes) -> impl std::future::Future<Output = bool> + Send {
+        self.write(chunk)
+    }
+}
+
 /// Moves one response body into `writer`: at most `limit` bytes (more is [`TransferError::Oversize`]
 /// of `declared`), paced by the agent's bandwidth cap, counted as fetched, stopped by a cancel.
 /// Returns the bytes written; fewer than `limit` when the body ended early or the writer stopped
-/// (its error comes from [`LayerWriter::finish`]). A read error after all `limit` bytes came is an
+/// (its error comes from it: [`LayerWriter::finish`]). A read error after all `limit` bytes came is an
 /// end (oci-client checks whole responses itself and fails at their end; our hash decides).
 pub(super) async fn pump<S, B, E>(
     t: &Transfer<'_>,
     stream: S,
-    writer: &LayerWriter,
+    writer: &impl Sink,
     limit: u64,
     oversize: impl Fn() -> TransferError,
     reference: &str,
@@ -83,7 +95,7 @@ where
         if let Some(l) = t.limiter {
             l.acquire(chunk.len()).await;
         }
-        if !writer.write(chunk).await {
+        if !writer.put(chunk).await {
             return Ok(got);
         }
         got += n;

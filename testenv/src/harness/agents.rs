@@ -13,10 +13,17 @@ pub struct AgentProc {
     pub store: PathBuf,
     pub log: PathBuf,
     args: Vec<String>,
+    binary: PathBuf,
 }
 
 /// Starts `peat agent` for `node` with its store in `store` (fast heartbeats and progress for tests).
 pub fn start_agent(node: &str, store: &Path, extra: &[&str]) -> AgentProc {
+    start_agent_with(&peat_binary(), node, store, extra)
+}
+
+/// [`start_agent`] with another executable standing for `peat` (a wrapper that starts it in a
+/// network namespace, say).
+pub fn start_agent_with(binary: &Path, node: &str, store: &Path, extra: &[&str]) -> AgentProc {
     let env = env();
     let log = env.dir.join("logs").join(format!("agent-{node}.log"));
     let mut args: Vec<String> = [
@@ -39,13 +46,12 @@ pub fn start_agent(node: &str, store: &Path, extra: &[&str]) -> AgentProc {
         args.extend(["--secret-namespace".to_string(), ns]);
     }
     args.extend(extra.iter().map(|s| s.to_string()));
-    AgentProc { process: spawn_agent(node, &args, &log), node: node.into(), store: store.to_path_buf(), log, args }
+    let process = spawn_agent(binary, node, &args, &log);
+    AgentProc { process, node: node.into(), store: store.to_path_buf(), log, args, binary: binary.to_path_buf() }
 }
 
-fn spawn_agent(node: &str, args: &[String], log: &Path) -> ManagedProcess {
-    env()
-        .spawn_peat(&peat_binary(), &format!("agent-{node}"), args, "info,peat=debug", log)
-        .expect("starting peat agent")
+fn spawn_agent(binary: &Path, node: &str, args: &[String], log: &Path) -> ManagedProcess {
+    env().spawn_peat(binary, &format!("agent-{node}"), args, "info,peat=debug", log).expect("starting peat agent")
 }
 
 impl AgentProc {
@@ -57,7 +63,7 @@ impl AgentProc {
     /// Starts it again (after [`AgentProc::kill`]) with the same arguments.
     pub fn restart(&mut self) {
         self.process.kill();
-        self.process = spawn_agent(&self.node, &self.args, &self.log);
+        self.process = spawn_agent(&self.binary, &self.node, &self.args, &self.log);
     }
 
     /// The end of its log, for failure messages.

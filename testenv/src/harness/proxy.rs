@@ -17,8 +17,13 @@ pub struct CountingProxy {
 impl CountingProxy {
     /// Listens on a free port and forwards every connection to `upstream`.
     pub async fn start(upstream: &str) -> CountingProxy {
+        CountingProxy::start_on(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(), upstream)
+    }
+
+    /// Forwards every connection `listener` accepts to `upstream` (the listener may be in another
+    /// network namespace; connections to `upstream` are made from the caller's).
+    pub fn start_on(listener: tokio::net::TcpListener, upstream: &str) -> CountingProxy {
         use std::sync::atomic::{AtomicU64, Ordering};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let delivered = std::sync::Arc::new(AtomicU64::new(0));
         let rate = std::sync::Arc::new(AtomicU64::new(0));
