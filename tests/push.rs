@@ -138,6 +138,19 @@ async fn push_refuses_what_it_cannot_publish_faithfully() {
     assert!(!ok && stderr.contains("lots"), "{stderr}");
     let (ok, _, stderr, _) = peat_push(&dir, "127.0.0.1:1/models/x", "1.0.0", &["--variant", "x"]);
     assert!(!ok && stderr.contains("127.0.0.1:1"), "a dead registry is named: {stderr}");
+
+    // Patches against versions that are not there, or lack the variant, or are the version itself.
+    let (ok, _, stderr, _) = peat_push(&dir, &repo, "1.0.0", &["--variant", "x"]);
+    assert!(ok, "{stderr}");
+    let (ok, _, stderr, _) = peat_push(&dir, &repo, "2.0.0", &["--variant", "x", "--delta-from", "0.9.0"]);
+    assert!(!ok && stderr.contains("--delta-from 0.9.0: is not in the registry"), "{stderr}");
+    let (ok, _, stderr, _) = peat_push(&dir, &repo, "2.0.0", &["--variant", "y", "--delta-from", "1.0.0"]);
+    assert!(!ok && stderr.contains(r#"--delta-from 1.0.0: has no variant "y""#), "{stderr}");
+    let (ok, _, stderr, _) = peat_push(&dir, &repo, "2.0.0", &["--variant", "x", "--delta-from", "2.0.0"]);
+    assert!(!ok && stderr.contains("the version being pushed"), "{stderr}");
+    let access = RegistryAccess { insecure: true, ..Default::default() };
+    let resolved = peat::oci::resolve(&access.client(), &access.auth, &format!("{repo}:2.0.0")).await;
+    assert!(resolved.is_err(), "a refused push writes no index: {resolved:?}");
 }
 
 #[tokio::test]

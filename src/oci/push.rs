@@ -216,6 +216,7 @@ pub async fn push_dir(
     let r = parse_reference(&tag_ref)?;
     client.store_auth_if_needed(r.resolve_registry(), auth).await;
     let oci = |e| PushError::Registry(OciError::from_client(&tag_ref, e));
+    let bases = patches::bases(client, auth, repository, &meta.name, delta_from).await?;
     let mut layers = Vec::new();
     let mut indexes = Vec::new();
     let mut pushed = Vec::new();
@@ -237,9 +238,7 @@ pub async fn push_dir(
         pushed.push(patches::Pushed { file: f, digest });
     }
     layers.extend(indexes);
-    layers.extend(
-        patches::push_patches(client, auth, repository, &meta.name, &pushed, delta_from, progress.as_ref()).await?,
-    );
+    layers.extend(patches::push_patches(client, repository, &pushed, &bases, progress.as_ref()).await?);
     Ok(push_variant_manifest(client, auth, repository, version, meta, layers).await?)
 }
 

@@ -35,38 +35,60 @@ impl Drop for Scratch {
     }
 }
 
-/// Makes and pushes the patch layers of `files` against variant `variant` of each of `versions`.
-pub(super) async fn push_patches(
+/// The files of the same variant in an earlier version, to patch against.
+pub(super) struct Base {
+    version: String,
+    reference: oci_client::Reference,
+    /// Title → (layer digest, size).
+    files: BTreeMap<String, (String, u64)>,
+}
+
+/// Reads the variant `variant` of each of `versions` (before anything is uploaded: a mistyped
+/// version is refused at once).
+pub(super) async fn bases(
     client: &oci_client::Client,
     auth: &RegistryAuth,
     repository: &str,
     variant: &str,
-    files: &[Pushed<'_>],
     versions: &[String],
+) -> Result<Vec<Base>, PushError> {
+    let mut out = Vec::new();
+    for version in versions {
+        let (reference, files) = base_files(client, auth, repository, version, variant).await?;
+        out.push(Base { version: version.clone(), reference, files });
+    }
+    Ok(out)
+}
+
+/// Makes and pushes the patch layers of `files` against each of `bases`.
+pub(super) async fn push_patches(
+    client: &oci_client::Client,
+    repository: &str,
+    files: &[Pushed<'_>],
+    bases: &[Base],
     progress: &dyn PushProgress,
 ) -> Result<Vec<OciDescriptor>, PushError> {
-    if versions.is_empty() {
+    if bases.is_empty() {
         return Ok(Vec::new());
     }
     let scratch = Scratch(std::env::temp_dir().join(format!("peat-push-{}", std::process::id())));
     std::fs::create_dir_all(&scratch.0).map_err(|e| local(&scratch.0, e))?;
     let mut layers = Vec::new();
     let mut made = HashSet::new();
-    for version in versions {
-        let (base_ref, old) = base_files(client, auth, repository, version, variant).await?;
+    for b in bases {
         for f in files {
-            let Some((old_digest, old_size)) = old.get(&f.file.title) else { continue };
+            let Some((old_digest, old_size)) = b.files.get(&f.file.title) else { continue };
             if *old_digest == f.digest || *old_size == 0 || !made.insert((old_digest.clone(), f.digest.clone())) {
                 continue;
             }
-            progress.patching(&f.file.title, version);
+            progress.patching(&f.file.title, &b.version);
             let base = scratch.0.join("base");
-            fetch_base(client, &base_ref, old_digest, *old_size, &base).await?;
+            fetch_base(client, &b.reference, old_digest, *old_size, &base).await?;
             let patch_path = scratch.0.join("patch");
             let (len, digest) = make_patch_file(&base, &f.file.path, f.file.size, &patch_path).await?;
             let _ = std::fs::remove_file(&base);
             if len as f64 >= WORTH_IT * f.file.size as f64 {
-                tracing::info!(file = %f.file.title, from = %version, len, "the patch is about as large as the file; not pushed");
+                tracing::info!(file = %f.file.title, from = %b.version, len, "the patch is about as large as the file; not pushed");
                 continue;
             }
             let r = parse_reference(&format!("{repository}@{digest}"))?;
