@@ -59,7 +59,10 @@ pub(super) async fn fetch_layer_patch(
             s.stream
         }
         Err(e) => {
-            let _ = tokio::fs::remove_file(&patch_partial).await;
+            // 416: the partial is longer than the registry's blob; it cannot be resumed.
+            if matches!(e, oci_client::errors::OciDistributionError::ServerError { code: 416, .. }) {
+                let _ = tokio::fs::remove_file(&patch_partial).await;
+            }
             return Err(OciError::from_client(&reference, e).into());
         }
     };
