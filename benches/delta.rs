@@ -7,8 +7,7 @@
 //! - the delta upgrade's time ÷ a full pull of the same version by a node holding nothing;
 //! - FastCDC chunking + per-chunk sha256 throughput ÷ plain sha256 throughput on the same bytes;
 //! - a chunk size sweep (over-fetch, index size, chunking speed per average size) — the measurement
-//!   behind the sizes in `src/oci/chunk_index.rs`.
-//!
+//!   behind the sizes in `src/oci/chunk_index.rs`;
 //! - the edge-link table ([`edge`]): every edit pattern of issue 18 across a shaped link, by patch.
 //!
 //! PEAT_BENCH_DELTA_MIB sets the model's size (default 1024); PEAT_BENCH_LINK_MBIT the edge

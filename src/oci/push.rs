@@ -251,7 +251,7 @@ async fn push_file_blob(
     size: u64,
     progress: Option<&std::sync::Arc<dyn PushProgress>>,
 ) -> Result<(), PushError> {
-    let reference = format!("{}@{digest}", r.repository());
+    let reference = r.whole(); // names the registry: a dead one is recognised by its address
     let oci = |e| PushError::Registry(OciError::from_client(&reference, e));
     if patiently(|| client.blob_exists(r, digest)).await.map_err(oci)? {
         progress.inspect(|p| p.uploaded(size));

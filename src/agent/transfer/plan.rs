@@ -72,7 +72,8 @@ impl PullPlan {
             .collect()
     }
 
-    /// Layer digests: files and patches (a fetched patch waits in `blobs/` until it is applied).
+    /// Layer digests: files and patches (garbage collection leaves a patch's partial download in
+    /// `tmp/` alone while the transfer runs, so an interrupted one resumes).
     pub fn digests(&self) -> HashSet<String> {
         let patches = self.patches.values().flatten().map(|p| p.digest.clone());
         self.files.iter().map(|f| f.digest.clone()).chain(patches).collect()
