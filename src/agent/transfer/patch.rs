@@ -163,11 +163,11 @@ impl Job {
         let prefix = std::fs::File::open(&self.patch)?.take(self.keep);
         let arriving =
             Arriving { rx, saved: std::io::BufWriter::with_capacity(256 << 10, saved), chunk: bytes::Bytes::new() };
-        let mut patch = prefix.chain(arriving);
+        let mut patch = std::io::BufReader::with_capacity(1 << 20, prefix.chain(arriving));
         let file = std::fs::File::create(&self.out)?;
-        // Decoding, and hashing + writing, on two threads: on a slow link what is left to do after
-        // the patch's last byte (the frames after the last change: copies of held bytes) ends in
-        // about half the time.
+        // Decoding, and hashing + writing, on two threads: on a slow link what is left after the
+        // patch's last byte (the frames after the last change: copies of held bytes) takes the
+        // longer of the two, not their sum.
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
         let sink = std::thread::spawn(move || -> std::io::Result<Sha256> {
             let mut writer = HashingWriter::new(file);
