@@ -123,6 +123,16 @@ fn push_cli(s: &Setup, version: &str, files: &[(&str, Vec<u8>)], delta_from: &st
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Flips the byte at 1 MiB of the held 1.0.0 `weights.bin` (the blob and the version file are one inode).
+fn damage_held_copy(store: &Path) {
+    let path = store.join("models/m/1.0.0/weights.bin");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[MI] ^= 0xff;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&path, &bytes).unwrap();
+}
+
 /// Files in the store's `blobs/`.
 fn blob_count(store: &Path) -> usize {
     std::fs::read_dir(store.join("blobs/sha256")).unwrap().count()
@@ -208,12 +218,7 @@ async fn a_corrupted_local_chunk_falls_back_to_a_full_pull() {
     let agent = s.agent().await;
     s.roll(&agent, "1.0.0", true).await;
     // Damage the local copy of 1.0.0 in a region 2.0.0 reuses (the blob and the version file are one inode).
-    let path = agent.store.join("models/m/1.0.0/weights.bin");
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[MI] ^= 0xff;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-    std::fs::write(&path, &bytes).unwrap();
+    damage_held_copy(&agent.store);
     let wire = s.roll(&agent, "2.0.0", true).await;
     assert_current(&agent.store, &[("weights.bin", v2.clone())]);
     assert!(wire >= v2.len() as u64, "fell back to a full pull: {wire} bytes");
@@ -332,12 +337,7 @@ async fn a_patch_against_a_damaged_file_falls_back_to_a_whole_pull() {
     let agent = s.agent().await;
     s.roll(&agent, "1.0.0", true).await;
     // Damage the held copy of 1.0.0 (blob and version file are one inode): the patch rebuilds other bytes.
-    let path = agent.store.join("models/m/1.0.0/weights.bin");
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[MI] ^= 0xff;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-    std::fs::write(&path, &bytes).unwrap();
+    damage_held_copy(&agent.store);
     let wire = s.roll(&agent, "2.0.0", true).await;
     assert_current(&agent.store, &[("weights.bin", v2.clone())]);
     assert!(wire >= v2.len() as u64, "fell back to a whole pull: {wire} bytes");

@@ -134,11 +134,11 @@ impl<W: Write> Write for Counted<W> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Deterministic bytes that do not compress (like weights, as far as zstd is concerned).
-    fn noise(len: usize, seed: u64) -> Vec<u8> {
+    pub(crate) fn noise(len: usize, seed: u64) -> Vec<u8> {
         let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         (0..len)
             .map(|_| {

@@ -90,7 +90,7 @@ pub struct ClusterNetwork {
     pub service_cidr: String,
 }
 
-fn run(cmd: &mut Command) -> Result<(), TestEnvError> {
+pub(crate) fn run(cmd: &mut Command) -> Result<(), TestEnvError> {
     let out = cmd.output().map_err(io(format!("running {cmd:?}")))?;
     if !out.status.success() {
         return Err(TestEnvError::Build(format!(
@@ -102,7 +102,7 @@ fn run(cmd: &mut Command) -> Result<(), TestEnvError> {
     Ok(())
 }
 
-fn ip(args: &[&str]) -> Result<(), TestEnvError> {
+pub(crate) fn ip(args: &[&str]) -> Result<(), TestEnvError> {
     run(Command::new("ip").args(args))
 }
 

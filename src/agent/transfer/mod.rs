@@ -85,9 +85,10 @@ pub async fn fetch_layers(t: &Transfer<'_>, plan: &PullPlan) -> Result<(), Trans
     let r = parse_reference(&plan.artifact)?;
     // Delta: a patch against a file the store holds, else the chunk indexes of the missing layers
     // and the chunks the store holds (a layer with a patch needs no index: it costs wire bytes).
-    let patches: std::collections::HashMap<&str, &PatchLayer> = match t.delta {
-        true => missing.iter().filter_map(|f| Some((f.digest.as_str(), patch::usable(t.store, plan, f)?))).collect(),
-        false => Default::default(),
+    let patches: std::collections::HashMap<&str, &PatchLayer> = if t.delta {
+        missing.iter().filter_map(|f| Some((f.digest.as_str(), patch::usable(t.store, plan, f)?))).collect()
+    } else {
+        Default::default()
     };
     let mut indexes = std::collections::HashMap::new();
     if t.delta {

@@ -244,19 +244,7 @@ impl Read for Arriving {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Deterministic bytes that do not compress.
-    fn noise(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect()
-    }
+    use crate::oci::patch::tests::noise;
 
     /// A patch fed in pieces, resumed from a saved prefix, rebuilds the file; the partial holds the
     /// whole patch afterwards.

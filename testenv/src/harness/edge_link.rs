@@ -13,6 +13,7 @@ use std::process::Command;
 use super::agents::{AgentProc, start_agent_with};
 use super::env::{env, peat_binary};
 use super::proxy::CountingProxy;
+use crate::netns::{ip, run};
 
 /// The hub's end of the link (where the registry is, as the edge sees it).
 pub const HUB_IP: &str = "10.213.0.1";
@@ -23,26 +24,32 @@ const HUB_PREFIX: &str = "peat-hub-";
 
 /// A shaped link between an edge namespace (the agent) and a hub namespace (the registry's proxy).
 pub struct EdgeLink {
-    edge: String,
-    hub: String,
     /// `10.213.0.1:<port>`: the registry as the edge reaches it, across the link.
     pub registry: String,
     /// Counts what the registry delivers across the link (headers included).
     pub proxy: CountingProxy,
     api_relay: tokio::task::JoinHandle<()>,
     wrapper: PathBuf,
+    /// Last: the namespaces go after everything that uses them.
+    ns: Namespaces,
 }
 
-fn run(cmd: &mut Command) -> std::io::Result<()> {
-    let out = cmd.output()?;
-    if !out.status.success() {
-        return Err(std::io::Error::other(format!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr).trim())));
+/// The two namespaces, deleted when dropped (also when a start fails half-way).
+struct Namespaces {
+    edge: String,
+    hub: String,
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for ns in [&self.edge, &self.hub] {
+            let _ = ip(&["netns", "delete", ns]);
+        }
     }
-    Ok(())
 }
 
-fn ip(args: &[&str]) -> std::io::Result<()> {
-    run(Command::new("ip").args(args))
+fn io_error(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
 }
 
 /// A listening socket made inside network namespace `ns` (a thread enters it, binds, and ends).
@@ -86,33 +93,24 @@ impl EdgeLink {
         }
         sweep_leftovers();
         let pid = std::process::id();
-        let (edge, hub) = (format!("{EDGE_PREFIX}{pid}"), format!("{HUB_PREFIX}{pid}"));
-        let env = env();
-        let wrapper = env.dir.join(format!("peat-in-{edge}.sh"));
-        let mut link = EdgeLink {
-            edge: edge.clone(),
-            hub: hub.clone(),
-            registry: String::new(),
-            proxy: CountingProxy::start_on(tokio::net::TcpListener::bind("127.0.0.1:0").await?, &env.registry),
-            api_relay: tokio::spawn(async {}),
-            wrapper: wrapper.clone(),
-        };
-        // From here on, Drop removes whatever was made.
-        ip(&["netns", "add", &edge])?;
-        ip(&["netns", "add", &hub])?;
-        ip(&["-n", &hub, "link", "add", "hub0", "type", "veth", "peer", "name", "edge0", "netns", &edge])?;
-        for (ns, dev, addr) in [(&hub, "hub0", HUB_IP), (&edge, "edge0", EDGE_IP)] {
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            ip(&["-n", ns, "addr", "add", &format!("{addr}/30"), "dev", dev])?;
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
+        let ns = Namespaces { edge: format!("{EDGE_PREFIX}{pid}"), hub: format!("{HUB_PREFIX}{pid}") };
+        let (edge, hub) = (ns.edge.as_str(), ns.hub.as_str());
+        ip(&["netns", "add", edge]).map_err(io_error)?;
+        ip(&["netns", "add", hub]).map_err(io_error)?;
+        ip(&["-n", hub, "link", "add", "hub0", "type", "veth", "peer", "name", "edge0", "netns", edge])
+            .map_err(io_error)?;
+        for (ns, dev, addr) in [(hub, "hub0", HUB_IP), (edge, "edge0", EDGE_IP)] {
+            ip(&["-n", ns, "link", "set", "lo", "up"]).map_err(io_error)?;
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/30"), "dev", dev]).map_err(io_error)?;
+            ip(&["-n", ns, "link", "set", dev, "up"]).map_err(io_error)?;
         }
-        link.set_rate(rate_mbit)?;
-        let registry = listen_in(&hub, &format!("{HUB_IP}:5000"))?;
-        link.registry = format!("{HUB_IP}:5000");
-        link.proxy = CountingProxy::start_on(registry, &env.registry);
+        shape(&ns, rate_mbit)?;
+        let env = env();
+        let registry = format!("{HUB_IP}:5000");
+        let proxy = CountingProxy::start_on(listen_in(hub, &registry)?, &env.registry);
         let api = env.apiserver_url.trim_start_matches("https://").to_string();
-        let relay = listen_in(&edge, &api)?;
-        link.api_relay = tokio::spawn(async move {
+        let relay = listen_in(edge, &api)?;
+        let api_relay = tokio::spawn(async move {
             while let Ok((mut client, _)) = relay.accept().await {
                 let api = api.clone();
                 tokio::spawn(async move {
@@ -122,21 +120,16 @@ impl EdgeLink {
                 });
             }
         });
+        let wrapper = env.dir.join(format!("peat-in-{edge}.sh"));
         std::fs::write(&wrapper, format!("#!/bin/sh\nexec ip netns exec {edge} {} \"$@\"\n", peat_binary().display()))?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
-        Ok(link)
+        Ok(EdgeLink { registry, proxy, api_relay, wrapper, ns })
     }
 
-    /// Shapes both directions to `mbit` megabits per second (TBF: a 64 KiB bucket, 50 ms of queue).
+    /// Shapes both directions to `mbit` megabits per second.
     pub fn set_rate(&self, mbit: u32) -> std::io::Result<()> {
-        for (ns, dev) in [(&self.hub, "hub0"), (&self.edge, "edge0")] {
-            let rate = format!("{mbit}mbit");
-            run(Command::new("tc")
-                .args(["-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", &rate])
-                .args(["burst", "64kb", "latency", "50ms"]))?;
-        }
-        Ok(())
+        shape(&self.ns, mbit)
     }
 
     /// Starts `peat agent` for `node` inside the edge namespace.
@@ -147,17 +140,26 @@ impl EdgeLink {
     /// A command run inside the edge namespace (`oras pull` across the link, say).
     pub fn command(&self, program: &Path) -> Command {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.edge]).arg(program);
+        cmd.args(["netns", "exec", &self.ns.edge]).arg(program);
         cmd
     }
+}
+
+/// TBF on both ends of the link: a 64 KiB bucket, 50 ms of queue.
+fn shape(ns: &Namespaces, mbit: u32) -> std::io::Result<()> {
+    let rate = format!("{mbit}mbit");
+    for (ns, dev) in [(&ns.hub, "hub0"), (&ns.edge, "edge0")] {
+        run(Command::new("tc")
+            .args(["-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", &rate])
+            .args(["burst", "64kb", "latency", "50ms"]))
+        .map_err(io_error)?;
+    }
+    Ok(())
 }
 
 impl Drop for EdgeLink {
     fn drop(&mut self) {
         self.api_relay.abort();
         let _ = std::fs::remove_file(&self.wrapper);
-        for ns in [&self.edge, &self.hub] {
-            let _ = ip(&["netns", "delete", ns]);
-        }
     }
 }
